@@ -1,0 +1,176 @@
+"""The `rollout` command line. Backends are imported lazily so `--help` stays instant.
+
+Bad input (a file, a flag, an id) ends in one line on stderr naming the problem and exit code 2;
+nothing already recorded is touched.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from pydantic import ValidationError
+
+from rollout.errors import InputError, describe_validation_error
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Simulate and execute rolling deployments of GPU model-serving replicas.",
+)
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.echo(f"rollout: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def friendly(fn: F) -> F:
+    """Turn input errors into one clear line and a non-zero exit, never a traceback."""
+
+    @wraps(fn)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        try:
+            return fn(*args, **kwargs)
+        except InputError as e:
+            fail(str(e))
+        except ValidationError as e:
+            fail(describe_validation_error(e))
+        except FileNotFoundError as e:
+            fail(f"no such file: {e.filename or e}")
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+        return None
+
+    return wrapper  # type: ignore[return-value]
+
+
+OutDir = Annotated[Path | None, typer.Option("--out", help="Directory for the outputs.")]
+
+
+@app.command()
+@friendly
+def simulate(
+    scenario: Annotated[Path, typer.Argument(help="Scenario YAML file.")],
+    out: OutDir = None,
+    seed: Annotated[int | None, typer.Option(help="Override the scenario's seed.")] = None,
+    policy: Annotated[
+        str | None, typer.Option(help="Override the policy: surge=25 or unavailable=25.")
+    ] = None,
+    stabilization: Annotated[
+        float | None, typer.Option(help="Override stabilization_time_seconds.")
+    ] = None,
+) -> None:
+    """Simulate a scenario: latency, drops, rollout duration and GPU cost."""
+    from sim.api import simulate_command
+
+    simulate_command(scenario, out, seed=seed, policy=policy, stabilization=stabilization)
+
+
+@app.command()
+@friendly
+def sweep(
+    scenario: Annotated[Path, typer.Argument(help="Scenario YAML file with a `sweep` grid.")],
+    out: OutDir = None,
+    workers: Annotated[int | None, typer.Option(help="Local worker processes.")] = None,
+    ray_address: Annotated[
+        str | None, typer.Option("--ray-address", help="Run points as Ray tasks on a cluster.")
+    ] = None,
+) -> None:
+    """Run the scenario's policy grid and recommend the cheapest policy meeting the SLO."""
+    from sim.sweep import sweep_command
+
+    sweep_command(scenario, out, workers=workers, ray_address=ray_address)
+
+
+@app.command()
+@friendly
+def deploy(
+    deploy_file: Annotated[Path, typer.Argument(metavar="DEPLOY.yaml", help="Deploy file.")],
+    detach: Annotated[bool, typer.Option(help="Return once the rollout has started.")] = False,
+) -> None:
+    """Deploy a version, or roll the live version to it (like `kubectl apply`)."""
+    from executor.commands import deploy_command
+
+    deploy_command(deploy_file, detach=detach)
+
+
+@app.command()
+@friendly
+def recover(
+    deploy_file: Annotated[Path, typer.Argument(metavar="DEPLOY.yaml", help="Deploy file.")],
+) -> None:
+    """Resume rollouts whose controller process died."""
+    from executor.commands import recover_command
+
+    recover_command(deploy_file)
+
+
+@app.command()
+@friendly
+def status(
+    rollout_id: Annotated[str, typer.Argument(metavar="ID")],
+    json_: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+) -> None:
+    """Show a rollout's state."""
+    from executor.commands import status_command
+
+    status_command(rollout_id, as_json=json_)
+
+
+@app.command()
+@friendly
+def history(
+    rollout_id: Annotated[str, typer.Argument(metavar="ID")],
+    json_: Annotated[bool, typer.Option("--json", help="A JSON array of events.")] = False,
+) -> None:
+    """Show every step, transition and control of a rollout."""
+    from executor.commands import history_command
+
+    history_command(rollout_id, as_json=json_)
+
+
+def _control_command(name: str, control: str, doc: str) -> None:
+    @app.command(name=name, help=doc)
+    @friendly
+    def _cmd(rollout_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
+        from executor.commands import control_command
+
+        control_command(rollout_id, control)
+
+
+_control_command("pause", "pause", "Pause at the next step boundary.")
+_control_command("resume", "resume", "Resume a paused rollout where it stopped.")
+_control_command("cancel", "cancel", "Ramp traffic back to the previous version step by step.")
+_control_command(
+    "force-cancel", "force_cancel", "Send all traffic back at once; remove candidates."
+)
+_control_command("roll-forward", "roll_forward", "Move all traffic to the candidate now.")
+
+
+@app.command()
+@friendly
+def down(
+    deploy_file: Annotated[
+        Path | None, typer.Argument(metavar="[DEPLOY.yaml]", help="Deploy file.")
+    ] = None,
+) -> None:
+    """Remove the applications and stop a local cluster that `rollout` started."""
+    from executor.commands import down_command
+
+    down_command(deploy_file)
+
+
+def main() -> None:
+    app(prog_name="rollout")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

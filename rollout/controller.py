@@ -1,0 +1,613 @@
+"""The rollout controller: a pure, serialisable state machine shared by both backends.
+
+`decide(state, observation)` reads what the cluster looks like and returns the next state, the
+actions a backend must apply (in order) and the events for the history. There is no clock, no
+I/O and no framework in here: time arrives inside the observation, so the same controller runs
+on SimPy time in `sim/` and on wall-clock time in a durable workflow in `executor/`.
+
+One step, by mode (I = incoming version, O = outgoing; forward I is the candidate, and a
+cancelled rollout ramps back with I = current):
+
+    surge:        boundary → scale I up → wait for health → shift traffic + scale O down → stabilize
+    unavailable:  boundary → scale O down → scale I up → wait for health → shift traffic → stabilize
+
+Targets are absolute replica counts (scale to N, never by a delta), so replaying a decision or
+retrying an action is harmless.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
+
+from pydantic import TypeAdapter
+
+from rollout import history as h
+from rollout.planner import (
+    candidate_share,
+    headroom,
+    proportional_resize,
+    ready_floor,
+    step_count,
+    step_size,
+)
+from rollout.policy import Mode, RolloutPolicy
+
+CURRENT = "current"
+CANDIDATE = "candidate"
+
+
+class Phase(StrEnum):
+    PROGRESSING = "progressing"
+    PAUSED = "paused"
+    SUCCEEDED = "succeeded"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (Phase.SUCCEEDED, Phase.CANCELLED, Phase.FAILED)
+
+
+class Direction(StrEnum):
+    FORWARD = "forward"  # towards the candidate
+    BACKWARD = "backward"  # cancelled: ramping back to the current version
+
+
+class Stage(StrEnum):
+    BOUNDARY = "boundary"  # between steps: controls take effect here
+    SCALE_DOWN = "scale_down"
+    SCALE_UP = "scale_up"
+    WAIT_HEALTHY = "wait_healthy"
+    SHIFT = "shift"
+    STABILIZE = "stabilize"
+    FINISHING = "finishing"  # the outgoing version drains away
+    ROLLBACK = "rollback"  # force-cancel or failure: all traffic back at once
+    DONE = "done"
+
+
+class Control(StrEnum):
+    PAUSE = "pause"
+    RESUME = "resume"
+    CANCEL = "cancel"
+    FORCE_CANCEL = "force_cancel"
+    ROLL_FORWARD = "roll_forward"
+
+
+@dataclass(frozen=True)
+class VersionObservation:
+    """One version's replicas as the backend sees them. `pending_gpu` is part of `starting`."""
+
+    ready: int = 0
+    starting: int = 0
+    draining: int = 0
+    failed_starts: int = 0  # cumulative since the rollout began
+    pending_gpu: int = 0
+
+    @property
+    def holding(self) -> int:
+        return self.ready + self.starting + self.draining
+
+
+@dataclass(frozen=True)
+class Observation:
+    time: float
+    desired: int  # the pool's desired replica count (autoscaler or fleet size)
+    current: VersionObservation
+    candidate: VersionObservation
+
+    def of(self, version: str) -> VersionObservation:
+        return self.current if version == CURRENT else self.candidate
+
+
+@dataclass(frozen=True)
+class ScaleTo:
+    version: str
+    replicas: int
+
+
+@dataclass(frozen=True)
+class SetWeight:
+    candidate_weight: float
+
+
+@dataclass(frozen=True)
+class Finish:
+    outcome: Phase
+
+
+Action = ScaleTo | SetWeight | Finish
+
+
+@dataclass(frozen=True)
+class RolloutState:
+    """Everything the controller knows; round-trips through JSON exactly."""
+
+    policy: RolloutPolicy
+    desired: int
+    current_target: int
+    candidate_target: int = 0
+    candidate_weight: float = 0.0
+    phase: Phase = Phase.PROGRESSING
+    direction: Direction = Direction.FORWARD
+    stage: Stage = Stage.BOUNDARY
+    step: int = 0  # steps completed, in either direction
+    step_started_at: float = 0.0
+    stabilize_until: float | None = None
+    failed_starts_at_step: int = 0
+    pause_requested: bool = False
+    roll_forward_requested: bool = False
+    fast_forward: bool = False
+    forced: str = ""  # "", "force_cancel" or "failed": a rollback that ignores the step cycle
+    reason: str = ""  # why it failed, or the last thing it waited for
+    pending: tuple[Control, ...] = field(default_factory=tuple)
+
+    def target(self, version: str) -> int:
+        return self.current_target if version == CURRENT else self.candidate_target
+
+    @property
+    def terminal(self) -> bool:
+        return self.phase.terminal
+
+    def to_json(self) -> str:
+        return _STATE.dump_json(self).decode()
+
+    @classmethod
+    def from_json(cls, text: str) -> RolloutState:
+        return _STATE.validate_json(text)
+
+    def summary(self) -> dict[str, object]:
+        """The fields `rollout status` prints."""
+        d = asdict(self)
+        d["policy"] = self.policy.model_dump()
+        d["pending"] = [c.value for c in self.pending]
+        return d
+
+
+_STATE = TypeAdapter(RolloutState)
+
+
+@dataclass(frozen=True)
+class Decision:
+    state: RolloutState
+    actions: tuple[Action, ...]
+    events: tuple[h.Event, ...]
+
+
+def start(policy: RolloutPolicy, desired: int, now: float) -> tuple[RolloutState, list[h.Event]]:
+    """A new rollout of a pool of `desired` replicas, all on the current version."""
+    if desired < 1:
+        raise ValueError(f"a rollout needs at least one replica (got {desired})")
+    state = RolloutState(policy=policy, desired=desired, current_target=desired)
+    started = h.RolloutStarted(
+        t=now,
+        policy=policy.model_dump(),
+        desired=desired,
+        steps=step_count(policy, desired),
+    )
+    return state, [started]
+
+
+def control(state: RolloutState, ctl: Control, now: float) -> tuple[RolloutState, list[h.Event]]:
+    """Record an operator control; `decide` applies it at the moment its semantics say."""
+    event = h.ControlReceived(t=now, control=ctl.value)
+    if state.terminal:
+        return state, [event, h.ControlIgnored(t=now, control=ctl.value, reason="rollout ended")]
+    return replace(state, pending=(*state.pending, ctl)), [event]
+
+
+def decide(state: RolloutState, obs: Observation) -> Decision:
+    if state.terminal:
+        return Decision(state, (), ())
+    run = _Run(state, obs)
+    run.resize()
+    run.take_controls()
+    run.advance()
+    run.guard_weight()
+    return Decision(run.state(), tuple(run.actions), tuple(run.events))
+
+
+class _Run:
+    """One decision: the state being built, the actions and events it emits (Argo's context)."""
+
+    def __init__(self, state: RolloutState, obs: Observation) -> None:
+        self.s = state
+        self.obs = obs
+        self.now = obs.time
+        self.actions: list[Action] = []
+        self.events: list[h.Event] = []
+
+    def state(self) -> RolloutState:
+        return self.s
+
+    # ---- small helpers -------------------------------------------------------------------
+
+    @property
+    def n(self) -> int:
+        return self.s.desired
+
+    @property
+    def incoming(self) -> str:
+        return CANDIDATE if self.s.direction is Direction.FORWARD else CURRENT
+
+    @property
+    def outgoing(self) -> str:
+        return CURRENT if self.s.direction is Direction.FORWARD else CANDIDATE
+
+    def _update(self, **changes: object) -> None:
+        self.s = replace(self.s, **changes)
+
+    def _proj_ready(self, version: str) -> int:
+        """Ready replicas once targets below the ready count have been applied."""
+        return min(self.obs.of(version).ready, self.s.target(version))
+
+    def _share(self) -> float | None:
+        return candidate_share(self._proj_ready(CANDIDATE), self._proj_ready(CURRENT))
+
+    def _holding(self) -> int:
+        """Replicas holding a GPU once the targets are met: starting, ready and draining."""
+        total = 0
+        for v in (CURRENT, CANDIDATE):
+            o = self.obs.of(v)
+            total += max(self.s.target(v), o.ready + o.starting) + o.draining
+        return total
+
+    def _cap(self) -> int:
+        return self.n + headroom(self.s.policy, self.n)
+
+    def _step(self) -> int:
+        return self.n if self.s.fast_forward else step_size(self.s.policy, self.n)
+
+    def _transition(self, stage: Stage, reason: str = "", phase: Phase | None = None) -> None:
+        self._update(stage=stage, phase=phase or self.s.phase)
+        self.events.append(
+            h.Transition(
+                t=self.now,
+                phase=self.s.phase.value,
+                stage=stage.value,
+                direction=self.s.direction.value,
+                step=self.s.step,
+                reason=reason,
+            )
+        )
+
+    def _set_weight(self, w: float, reason: str) -> None:
+        if w != self.s.candidate_weight:
+            self._update(candidate_weight=w)
+            self.actions.append(SetWeight(w))
+            self.events.append(h.WeightSet(t=self.now, candidate_weight=w, reason=reason))
+
+    def _scale(self, version: str, replicas: int, reason: str) -> None:
+        """Scale one version; traffic leaves a shrinking candidate before its replicas do."""
+        replicas = max(0, replicas)
+        if replicas == self.s.target(version):
+            return
+        before = self._share()
+        field_name = "current_target" if version == CURRENT else "candidate_target"
+        self._update(**{field_name: replicas})
+        after = self._share()
+        if after is not None and before is not None and after < self.s.candidate_weight:
+            self._set_weight(after, f"{version} scaling down")
+        self.actions.append(ScaleTo(version, replicas))
+        self.events.append(h.Scaled(t=self.now, version=version, replicas=replicas, reason=reason))
+        if after is not None and self._proj_ready(CURRENT) == 0:
+            self._set_weight(1.0, "no ready current replica left")
+
+    def _wait(self, reason: str) -> None:
+        if reason != self.s.reason:
+            self._update(reason=reason)
+            self.events.append(h.Waiting(t=self.now, reason=reason))
+
+    def _fail(self, reason: str) -> None:
+        self._update(forced="failed", reason=reason, fast_forward=False)
+        self._transition(Stage.ROLLBACK, reason)
+
+    # ---- guards that run before the step cycle -------------------------------------------
+
+    def resize(self) -> None:
+        """Desired scale changed: keep the split, resize both versions (proportional scaling)."""
+        new_n = self.obs.desired
+        if new_n == self.n or new_n < 1:
+            return
+        old_n = self.n
+        cur, cand = self.s.current_target, self.s.candidate_target
+        total = cur + cand
+        self._update(desired=new_n)
+        if cur == 0 or cand == 0:
+            sizes = {CURRENT: new_n if cur else 0, CANDIDATE: new_n if cand else 0}
+        else:
+            allowed = min(round(total * new_n / old_n), self._cap())
+            allowed = max(allowed, min(new_n, self._cap()))
+            sizes = proportional_resize({CURRENT: cur, CANDIDATE: cand}, total, allowed)
+        self.events.append(
+            h.Resized(
+                t=self.now,
+                desired_from=old_n,
+                desired_to=new_n,
+                current_replicas=sizes[CURRENT],
+                candidate_replicas=sizes[CANDIDATE],
+            )
+        )
+        # shrink first, so the pool never holds more than the new bound allows
+        order = sorted(sizes, key=lambda v: sizes[v] - self.s.target(v))
+        for v in order:
+            self._scale(v, sizes[v], f"desired replicas {old_n} → {new_n}")
+
+    def take_controls(self) -> None:
+        for ctl in self.s.pending:
+            self._update(pending=self.s.pending[1:])
+            ignored = self._take(ctl)
+            if ignored:
+                self.events.append(h.ControlIgnored(t=self.now, control=ctl.value, reason=ignored))
+
+    def _take(self, ctl: Control) -> str:
+        """Apply or queue one control; returns why it was ignored, or ''."""
+        s = self.s
+        if ctl is Control.FORCE_CANCEL:
+            if s.forced:
+                return "a rollback is already under way"
+            self._update(forced="force_cancel", fast_forward=False, pause_requested=False)
+            self._applied(ctl)
+            self._transition(Stage.ROLLBACK, "force-cancel", Phase.PROGRESSING)
+            return ""
+        if s.forced:
+            return "a forced rollback is under way"
+        if ctl is Control.CANCEL:
+            if s.direction is Direction.BACKWARD:
+                return "already cancelling"
+            self._update(
+                direction=Direction.BACKWARD,
+                fast_forward=False,
+                roll_forward_requested=False,
+                pause_requested=False,
+            )
+            self._applied(ctl)
+            # candidates still starting carry no traffic: stop them now
+            ready = self.obs.candidate.ready
+            if self.s.candidate_target > ready:
+                self._scale(CANDIDATE, ready, "cancel: stop candidates still starting")
+            self._transition(Stage.BOUNDARY, "cancel: ramping back", Phase.PROGRESSING)
+            return ""
+        if ctl is Control.PAUSE:
+            if s.fast_forward or s.roll_forward_requested:
+                return "rolling forward"
+            if s.phase is Phase.PAUSED or s.pause_requested:
+                return "already paused"
+            self._update(pause_requested=True)
+            return ""  # applied at the next step boundary
+        if ctl is Control.RESUME:
+            if s.phase is Phase.PAUSED:
+                self._applied(ctl)
+                self._transition(Stage.BOUNDARY, "resumed", Phase.PROGRESSING)
+                return ""
+            if s.pause_requested:
+                self._update(pause_requested=False)
+                self._applied(ctl)
+                return ""
+            return "not paused"
+        if ctl is Control.ROLL_FORWARD:
+            if s.fast_forward or s.roll_forward_requested:
+                return "already rolling forward"
+            self._update(roll_forward_requested=True, pause_requested=False)
+            if s.phase is Phase.PAUSED:
+                self._transition(Stage.BOUNDARY, "roll-forward", Phase.PROGRESSING)
+            return ""
+        raise AssertionError(ctl)
+
+    def _applied(self, ctl: Control) -> None:
+        self.events.append(h.ControlApplied(t=self.now, control=ctl.value))
+
+    # ---- the step cycle ------------------------------------------------------------------
+
+    def advance(self) -> None:
+        handlers = {
+            Stage.BOUNDARY: self._boundary,
+            Stage.SCALE_DOWN: self._scale_down,
+            Stage.SCALE_UP: self._scale_up,
+            Stage.WAIT_HEALTHY: self._wait_healthy,
+            Stage.SHIFT: self._shift,
+            Stage.STABILIZE: self._stabilize,
+            Stage.FINISHING: self._finishing,
+            Stage.ROLLBACK: self._rollback,
+        }
+        for _ in range(16):  # each handler either moves on or waits; a step has < 8 stages
+            if self.s.phase is not Phase.PROGRESSING:
+                return
+            self._fast_forward_check()
+            stage = self.s.stage
+            handlers[stage]()
+            if self.s.stage is stage:
+                return
+
+    def _fast_forward_check(self) -> None:
+        """Rolling forward: all traffic to the candidate once enough candidates are ready."""
+        if not self.s.fast_forward or self.s.stage in (Stage.FINISHING, Stage.ROLLBACK):
+            return
+        if self.s.current_target == 0:
+            return
+        floor = max(1, ready_floor(self.s.policy, self.n))
+        if self.obs.candidate.ready >= floor:
+            self._scale(CURRENT, 0, "roll-forward: enough candidates ready")
+            self._set_weight(1.0, "roll-forward")
+            self._transition(Stage.SCALE_UP, "roll-forward: completing the candidate")
+
+    def _boundary(self) -> None:
+        inc, out = self.incoming, self.outgoing
+        if self.s.target(inc) >= self.n and self.s.target(out) == 0:
+            self._transition(Stage.FINISHING, "all replicas replaced")
+            return
+        if self.s.roll_forward_requested:
+            self._update(
+                roll_forward_requested=False,
+                fast_forward=True,
+                direction=Direction.FORWARD,
+                pause_requested=False,
+            )
+            self._applied(Control.ROLL_FORWARD)
+        elif self.s.pause_requested:
+            self._update(pause_requested=False)
+            self._applied(Control.PAUSE)
+            self._transition(Stage.BOUNDARY, "paused at a step boundary", Phase.PAUSED)
+            return
+        self._update(
+            step_started_at=self.now,
+            failed_starts_at_step=self.obs.of(inc).failed_starts,
+            stabilize_until=None,
+        )
+        first = Stage.SCALE_UP if self.s.policy.mode is Mode.SURGE else Stage.SCALE_DOWN
+        self._transition(first, f"step {self.s.step + 1}")
+
+    def _deadline_passed(self) -> bool:
+        inc = self.obs.of(self.incoming)
+        failures = inc.failed_starts - self.s.failed_starts_at_step
+        if failures > self.s.policy.max_start_failures:
+            self._fail(f"{self.incoming} replicas failed to start {failures} times")
+            return True
+        waited = self.now - self.s.step_started_at
+        if waited > self.s.policy.progress_deadline_seconds:
+            gpu = f", {inc.pending_gpu} waiting for a GPU" if inc.pending_gpu else ""
+            self._fail(
+                f"step {self.s.step + 1} exceeded its progress deadline of "
+                f"{self.s.policy.progress_deadline_seconds:g} s: {inc.ready} of "
+                f"{self.s.target(self.incoming)} {self.incoming} replicas ready{gpu}"
+            )
+            return True
+        return False
+
+    def _scale_down(self) -> None:
+        """Unavailable mode: remove outgoing replicas first, down to the ready floor."""
+        out = self.outgoing
+        floor = ready_floor(self.s.policy, self.n)
+        ready = self._proj_ready(CURRENT) + self._proj_ready(CANDIDATE)
+        remove = min(self._step(), self.s.target(out), max(0, ready - floor))
+        if remove > 0:
+            self._scale(out, self.s.target(out) - remove, f"step {self.s.step + 1}: make room")
+        elif self.n - self._holding() <= 0 and self.s.target(self.incoming) < self.n:
+            if not self._deadline_passed():
+                self._wait(f"waiting for ready replicas above the floor of {floor}")
+            return
+        self._transition(Stage.SCALE_UP)
+
+    def _scale_up(self) -> None:
+        inc = self.incoming
+        need = min(self._step(), self.n - self.s.target(inc))
+        if need <= 0:
+            self._transition(Stage.WAIT_HEALTHY)
+            return
+        room = self._cap() - self._holding()
+        draining = self.obs.current.draining + self.obs.candidate.draining
+        add = need if room >= need else (room if draining == 0 else 0)
+        if add <= 0:
+            if not self._deadline_passed():
+                self._wait(f"waiting for {draining} draining replicas to release their GPUs")
+            return
+        self._scale(inc, self.s.target(inc) + add, f"step {self.s.step + 1}")
+        self._transition(Stage.WAIT_HEALTHY)
+
+    def _wait_healthy(self) -> None:
+        inc = self.incoming
+        o = self.obs.of(inc)
+        target = self.s.target(inc)
+        if o.ready >= target:
+            self._transition(Stage.SHIFT, f"{target} {inc} replicas healthy")
+            return
+        if self._deadline_passed():
+            return
+        if o.pending_gpu:
+            self._wait(f"{o.pending_gpu} {inc} replicas wait for a free GPU")
+        else:
+            self._wait(f"waiting for {target - o.ready} {inc} replicas to become healthy")
+
+    def _shift(self) -> None:
+        out = self.outgoing
+        if self.s.policy.mode is Mode.SURGE:
+            keep = max(0, min(self.s.target(out), self.n - self.s.target(self.incoming)))
+            self._scale(out, keep, f"step {self.s.step + 1}: replaced")
+        share = self._share()
+        if share is not None:
+            self._set_weight(share, f"step {self.s.step + 1}: share of ready replicas")
+        step = self.s.step + 1
+        self._update(step=step)
+        self.events.append(
+            h.StepCompleted(
+                t=self.now,
+                step=step,
+                direction=self.s.direction.value,
+                candidate_weight=self.s.candidate_weight,
+                current_replicas=self.s.current_target,
+                candidate_replicas=self.s.candidate_target,
+            )
+        )
+        last = self.s.target(out) == 0 and self.s.target(self.incoming) >= self.n
+        wait = 0.0 if (last or self.s.fast_forward) else self.s.policy.stabilization_time_seconds
+        self._update(stabilize_until=self.now + wait)
+        self._transition(Stage.STABILIZE)
+
+    def _stabilize(self) -> None:
+        until = self.s.stabilize_until or self.now
+        if self.now >= until:
+            self._transition(Stage.BOUNDARY, "stabilized")
+        else:
+            self._wait(f"stabilizing until t={until:g}")
+
+    def _finishing(self) -> None:
+        inc, out = self.incoming, self.outgoing
+        self._scale(out, 0, "rollout complete")
+        self._scale(inc, self.n, "rollout complete")
+        share = self._share()
+        if share is not None and self._proj_ready(inc) > 0:
+            self._set_weight(share, "rollout complete")
+        if self.obs.of(out).holding == 0 and self.obs.of(inc).ready > 0:
+            outcome = Phase.SUCCEEDED if inc == CANDIDATE else Phase.CANCELLED
+            self._finish(outcome, "all traffic on the " + inc)
+        else:
+            self._wait(f"waiting for the {out} replicas to drain")
+
+    def _rollback(self) -> None:
+        """Force-cancel or failure: traffic back at once, candidates removed."""
+        cur = self.obs.current
+        room = self._cap() - self._holding()
+        need = self.n - self.s.current_target
+        if need > 0 and room > 0:
+            self._scale(CURRENT, self.s.current_target + min(need, room), "rollback")
+        # without a ready current replica, removing candidates would strand traffic, unless
+        # the mode's bound leaves the current version no room to start (unavailable, tiny pools)
+        no_room = cur.ready == 0 and cur.starting == 0 and room <= 0
+        if cur.ready > 0 or no_room:
+            if cur.ready > 0:
+                self._set_weight(0.0, "rollback")
+            self._scale(CANDIDATE, 0, "rollback")
+        elif self.s.candidate_target > 0:
+            self._wait("rollback: waiting for a ready current replica before moving traffic")
+        done = (
+            self.s.candidate_target == 0
+            and self.obs.candidate.holding == 0
+            and self.s.current_target == self.n
+            and cur.ready > 0
+        )
+        if done:
+            self._set_weight(0.0, "rollback")
+            outcome = Phase.FAILED if self.s.forced == "failed" else Phase.CANCELLED
+            self._finish(outcome, self.s.reason or "force-cancel")
+        elif self.s.candidate_target == 0:
+            self._wait("rollback: waiting for candidates to drain")
+
+    def _finish(self, outcome: Phase, reason: str) -> None:
+        self._update(phase=outcome, stage=Stage.DONE, reason=reason)
+        self.actions.append(Finish(outcome))
+        self.events.append(h.Finished(t=self.now, outcome=outcome.value, reason=reason))
+
+    # ---- the weight guard ------------------------------------------------------------------
+
+    def guard_weight(self) -> None:
+        """Traffic never exceeds the candidate's share, nor stays on a version with no ready
+        replica (a replica may have crashed since the last decision)."""
+        if self.s.terminal:
+            return
+        share = self._share()
+        if share is None:
+            return
+        if self._proj_ready(CURRENT) == 0:
+            self._set_weight(1.0, "no ready current replica")
+        elif share < self.s.candidate_weight:
+            self._set_weight(share, "candidate share of ready replicas fell")

@@ -1,0 +1,58 @@
+"""The rollout policy: the three fields users know from Baseten, plus guards against stuck steps."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Mode(StrEnum):
+    SURGE = "surge"  # add candidates first; capacity briefly above the target
+    UNAVAILABLE = "unavailable"  # remove old replicas first; never above the target
+
+
+class RolloutPolicy(BaseModel):
+    """How a rollout steps from the current version to the candidate.
+
+    Exactly one of the two percentages is non-zero (Baseten rejects both-set and both-zero,
+    stricter than Kubernetes). Percentages are of the pool's desired replica count.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_surge_percent: int = Field(0, ge=0, le=50)
+    max_unavailable_percent: int = Field(0, ge=0, le=50)
+    stabilization_time_seconds: float = Field(0.0, ge=0, le=3600)
+    progress_deadline_seconds: float = Field(600.0, gt=0, le=86400)
+    max_start_failures: int = Field(3, ge=0, le=1000)
+
+    @model_validator(mode="after")
+    def _exactly_one_mode(self) -> RolloutPolicy:
+        if (self.max_surge_percent > 0) == (self.max_unavailable_percent > 0):
+            raise ValueError(
+                "exactly one of max_surge_percent and max_unavailable_percent must be non-zero"
+                f" (got {self.max_surge_percent} and {self.max_unavailable_percent})"
+            )
+        return self
+
+    @property
+    def mode(self) -> Mode:
+        return Mode.SURGE if self.max_surge_percent > 0 else Mode.UNAVAILABLE
+
+    @property
+    def percent(self) -> int:
+        return self.max_surge_percent or self.max_unavailable_percent
+
+    def label(self) -> str:
+        """Short name used in tables and file names, e.g. `surge=25 stab=60`."""
+        return f"{self.mode.value}={self.percent} stab={self.stabilization_time_seconds:g}"
+
+    @classmethod
+    def parse_flag(cls, flag: str, **rest: float) -> RolloutPolicy:
+        """Parse the command line's `surge=25` or `unavailable=25`."""
+        name, sep, value = flag.partition("=")
+        field = {"surge": "max_surge_percent", "unavailable": "max_unavailable_percent"}.get(name)
+        if not sep or field is None or not value.strip().isdigit():
+            raise ValueError(f"--policy must look like surge=25 or unavailable=25 (got {flag!r})")
+        return cls(**{field: int(value)}, **rest)

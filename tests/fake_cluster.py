@@ -1,0 +1,125 @@
+"""A minimal in-memory cluster for controller tests (like Kubernetes' fake clientset).
+
+Replicas start after a per-replica delay, may fail to start, go ready, and drain for a fixed
+time when removed; every replica holds a GPU from start to the end of its drain. It records
+every applied action so tests can assert on them.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from rollout import controller as c
+
+
+@dataclass
+class Replica:
+    ready_at: float
+    fails: bool = False
+    drain_until: float | None = None
+
+
+@dataclass
+class FakeCluster:
+    desired: int
+    now: float = 0.0
+    seed: int = 0
+    start_delay: tuple[float, float] = (5.0, 5.0)  # uniform range, seconds
+    drain_s: float = 1.0
+    fail_prob: float = 0.0  # chance that a candidate start fails (it is retried)
+    fail_versions: tuple[str, ...] = (c.CANDIDATE,)
+    gpus: int | None = None  # None: unlimited; else replicas beyond wait for a GPU
+    weight: float = 0.0
+    replicas: dict[str, list[Replica]] = field(default_factory=dict)
+    targets: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, int] = field(default_factory=dict)
+    applied: list[c.Action] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        self.replicas = {c.CURRENT: [Replica(0.0) for _ in range(self.desired)], c.CANDIDATE: []}
+        self.targets = {c.CURRENT: self.desired, c.CANDIDATE: 0}
+        self.failed = {c.CURRENT: 0, c.CANDIDATE: 0}
+
+    # ---- what holds GPUs ---------------------------------------------------------------
+
+    def live(self, version: str) -> list[Replica]:
+        return [r for r in self.replicas[version] if r.drain_until is None]
+
+    def holding(self) -> int:
+        return sum(len(rs) for rs in self.replicas.values())
+
+    def count(self, version: str) -> c.VersionObservation:
+        ready = starting = draining = 0
+        for r in self.replicas[version]:
+            if r.drain_until is not None:
+                draining += 1
+            elif r.ready_at <= self.now:
+                ready += 1
+            else:
+                starting += 1
+        return c.VersionObservation(
+            ready=ready, starting=starting, draining=draining, failed_starts=self.failed[version]
+        )
+
+    def observe(self) -> c.Observation:
+        return c.Observation(
+            time=self.now,
+            desired=self.desired,
+            current=self.count(c.CURRENT),
+            candidate=self.count(c.CANDIDATE),
+        )
+
+    # ---- applying actions ---------------------------------------------------------------
+
+    def apply(self, actions: Sequence[c.Action]) -> None:
+        for a in actions:
+            self.applied.append(a)
+            if isinstance(a, c.ScaleTo):
+                self.targets[a.version] = a.replicas
+                self._reconcile(a.version)
+            elif isinstance(a, c.SetWeight):
+                self.weight = a.candidate_weight
+
+    def _start(self, version: str) -> Replica:
+        lo, hi = self.start_delay
+        fails = version in self.fail_versions and self.rng.random() < self.fail_prob
+        return Replica(self.now + self.rng.uniform(lo, hi), fails=fails)
+
+    def _reconcile(self, version: str) -> None:
+        live = self.live(version)
+        while len(live) < self.targets[version]:
+            r = self._start(version)
+            self.replicas[version].append(r)
+            live.append(r)
+        # remove starting replicas first, then ready ones (as Serve and Kubernetes do)
+        extra = len(live) - self.targets[version]
+        if extra > 0:
+            live.sort(key=lambda r: r.ready_at <= self.now)
+            for r in live[:extra]:
+                r.drain_until = self.now + self.drain_s
+
+    def advance(self, dt: float) -> None:
+        self.now += dt
+        for version, rs in self.replicas.items():
+            keep = []
+            for r in rs:
+                if r.drain_until is not None and r.drain_until <= self.now:
+                    continue
+                if r.drain_until is None and r.fails and r.ready_at <= self.now:
+                    self.failed[version] += 1
+                    continue  # a failed start; reconcile starts a replacement
+                keep.append(r)
+            self.replicas[version] = keep
+            self._reconcile(version)
+
+    def crash_ready(self, version: str) -> bool:
+        """A ready replica dies (the backend restarts it)."""
+        ready = [r for r in self.live(version) if r.ready_at <= self.now]
+        if not ready:
+            return False
+        self.replicas[version].remove(ready[0])
+        self._reconcile(version)
+        return True
