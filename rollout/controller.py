@@ -139,7 +139,8 @@ class RolloutState:
     roll_forward_requested: bool = False
     fast_forward: bool = False
     forced: str = ""  # "", "force_cancel" or "failed": a rollback that ignores the step cycle
-    reason: str = ""  # why it failed, or the last thing it waited for
+    failure: str = ""  # why it failed
+    waiting: str = ""  # the last thing it waited for (recorded once per reason)
     pending: tuple[Control, ...] = field(default_factory=tuple)
 
     def target(self, version: str) -> int:
@@ -294,12 +295,12 @@ class _Run:
             self._set_weight(1.0, "no ready current replica left")
 
     def _wait(self, reason: str) -> None:
-        if reason != self.s.reason:
-            self._update(reason=reason)
+        if reason != self.s.waiting:
+            self._update(waiting=reason)
             self.events.append(h.Waiting(t=self.now, reason=reason))
 
     def _fail(self, reason: str) -> None:
-        self._update(forced="failed", reason=reason, fast_forward=False)
+        self._update(forced="failed", failure=reason, fast_forward=False)
         self._transition(Stage.ROLLBACK, reason)
 
     # ---- guards that run before the step cycle -------------------------------------------
@@ -496,10 +497,16 @@ class _Run:
             return
         room = self._cap() - self._holding()
         draining = self.obs.current.draining + self.obs.candidate.draining
+        out = self.outgoing
+        surplus = self.s.target(inc) + self.s.target(out) - self.n
+        if room < need and surplus > 0:
+            # an interrupted step (cancel, roll-forward) left surge replicas: retire them first
+            self._scale(out, self.s.target(out) - surplus, "retire the interrupted step's surplus")
+            return
         add = need if room >= need else (room if draining == 0 else 0)
         if add <= 0:
             if not self._deadline_passed():
-                self._wait(f"waiting for {draining} draining replicas to release their GPUs")
+                self._wait(f"waiting for GPUs under the bound of {self._cap()} replicas")
             return
         self._scale(inc, self.s.target(inc) + add, f"step {self.s.step + 1}")
         self._transition(Stage.WAIT_HEALTHY)
@@ -545,7 +552,7 @@ class _Run:
 
     def _stabilize(self) -> None:
         until = self.s.stabilize_until or self.now
-        if self.now >= until:
+        if self.now >= until or self.s.roll_forward_requested:
             self._transition(Stage.BOUNDARY, "stabilized")
         else:
             self._wait(f"stabilizing until t={until:g}")
@@ -588,12 +595,12 @@ class _Run:
         if done:
             self._set_weight(0.0, "rollback")
             outcome = Phase.FAILED if self.s.forced == "failed" else Phase.CANCELLED
-            self._finish(outcome, self.s.reason or "force-cancel")
+            self._finish(outcome, self.s.failure or "force-cancel")
         elif self.s.candidate_target == 0:
             self._wait("rollback: waiting for candidates to drain")
 
     def _finish(self, outcome: Phase, reason: str) -> None:
-        self._update(phase=outcome, stage=Stage.DONE, reason=reason)
+        self._update(phase=outcome, stage=Stage.DONE, waiting="")
         self.actions.append(Finish(outcome))
         self.events.append(h.Finished(t=self.now, outcome=outcome.value, reason=reason))
 

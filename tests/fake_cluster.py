@@ -86,7 +86,8 @@ class FakeCluster:
     def _start(self, version: str) -> Replica:
         lo, hi = self.start_delay
         fails = version in self.fail_versions and self.rng.random() < self.fail_prob
-        return Replica(self.now + self.rng.uniform(lo, hi), fails=fails)
+        # a replica is never ready in the instant it starts: the controller must see it first
+        return Replica(self.now + max(1e-3, self.rng.uniform(lo, hi)), fails=fails)
 
     def _reconcile(self, version: str) -> None:
         live = self.live(version)
@@ -100,6 +101,10 @@ class FakeCluster:
             live.sort(key=lambda r: r.ready_at <= self.now)
             for r in live[:extra]:
                 r.drain_until = self.now + self.drain_s
+        gone = [r for r in self.replicas[version] if r.drain_until is not None]
+        for r in gone:
+            if r.drain_until <= self.now:  # nothing in flight to drain
+                self.replicas[version].remove(r)
 
     def advance(self, dt: float) -> None:
         self.now += dt

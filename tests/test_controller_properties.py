@@ -1,0 +1,153 @@
+"""Property tests: random fleets, policies, health delays, failed starts, crashes, controls at
+random times and desired-scale changes, against the in-memory fake cluster.
+
+Invariants, checked after every decision (the fake applies actions at once):
+- every replica holding a GPU counts: surge ≤ N + surge, unavailable ≤ N (while N is constant);
+  the controller's own targets never exceed N + headroom, whatever N does;
+- in a steady fleet (constant N, no crash, no failed start, no forced rollback) ready replicas
+  never drop below N (surge) or N − unavailable;
+- the candidate's weight never exceeds its share of ready replicas, even between two actions
+  of one decision, and no traffic stays on a version with no ready replica while the other has
+  one;
+- while paused, no replica changes except a resize;
+- the step index never goes back; the state round-trips through JSON exactly;
+- every run ends in a terminal state; cancelled and failed runs end with all traffic on the
+  current version and no candidate replica; succeeded runs with all traffic on the candidate and
+  no current replica.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fake_cluster import FakeCluster
+from hypothesis import given
+from hypothesis import strategies as st
+from sim_loop import Script, run
+
+from rollout import controller as c
+from rollout.planner import headroom, ready_floor
+from rollout.policy import RolloutPolicy
+
+CONTROLS = list(c.Control)
+
+
+@dataclass
+class Case:
+    policy: RolloutPolicy
+    cluster: FakeCluster
+    script: Script
+
+    @property
+    def steady(self) -> bool:
+        return (
+            not self.script.desired
+            and not self.script.crashes
+            and self.cluster.fail_prob == 0
+            and c.Control.FORCE_CANCEL not in [ctl for _, ctl in self.script.controls]
+        )
+
+
+@st.composite
+def cases(draw) -> Case:
+    n = draw(st.integers(1, 200))
+    pct = draw(st.integers(1, 50))
+    mode = draw(st.sampled_from(["max_surge_percent", "max_unavailable_percent"]))
+    stab = draw(st.one_of(st.just(0.0), st.floats(0, 3600, allow_nan=False)))
+    lo = draw(st.floats(0, 60))
+    hi = lo + draw(st.floats(0, 120))
+    deadline = draw(st.sampled_from([86400.0, 600.0, 90.0]))
+    failing = draw(st.booleans())
+    policy = RolloutPolicy(
+        **{mode: pct},
+        stabilization_time_seconds=stab,
+        progress_deadline_seconds=deadline,
+        max_start_failures=draw(st.integers(0, 10)),
+    )
+    cluster = FakeCluster(
+        desired=n,
+        seed=draw(st.integers(0, 2**16)),
+        start_delay=(lo, hi),
+        drain_s=draw(st.floats(0, 30)),
+        fail_prob=draw(st.floats(0.01, 0.5)) if failing else 0.0,
+    )
+    times = st.floats(0, 4000, allow_nan=False)
+    script = Script(
+        controls=draw(st.lists(st.tuples(times, st.sampled_from(CONTROLS)), max_size=6)),
+        desired=draw(st.lists(st.tuples(times, st.integers(1, 200)), max_size=3)),
+        crashes=draw(
+            st.lists(st.tuples(times, st.sampled_from([c.CURRENT, c.CANDIDATE])), max_size=3)
+        ),
+    )
+    return Case(policy, cluster, script)
+
+
+def _checker(case: Case):
+    first_resize = min((t for t, _ in case.script.desired), default=float("inf"))
+    prev = {"step": 0, "phase": c.Phase.PROGRESSING}
+
+    def check(d, cl, decision, seen, weight) -> None:
+        # replay the actions one by one: the candidate's weight never exceeds its share of the
+        # ready replicas, even between two actions of one decision
+        ready = {c.CURRENT: seen.current.ready, c.CANDIDATE: seen.candidate.ready}
+        for a in decision.actions:
+            if isinstance(a, c.ScaleTo):
+                ready[a.version] = min(ready[a.version], a.replicas)
+            elif isinstance(a, c.SetWeight):
+                weight = a.candidate_weight
+            total = ready[c.CURRENT] + ready[c.CANDIDATE]
+            if total:
+                assert weight <= ready[c.CANDIDATE] / total + 1e-12, f"weight above share at {a}"
+
+        s = d.state
+        pol, n = s.policy, s.desired
+        cur, cand = cl.count(c.CURRENT), cl.count(c.CANDIDATE)
+
+        assert c.RolloutState.from_json(s.to_json()) == s
+        assert s.current_target + s.candidate_target <= n + headroom(pol, n)
+        if cl.now < first_resize:
+            assert cl.holding() <= n + headroom(pol, n), "GPU bound exceeded"
+
+        if case.steady and not s.forced:
+            floor = ready_floor(pol, n)
+            assert cur.ready + cand.ready >= floor, "ready below the mode's floor"
+
+        if cand.ready == 0 and cur.ready > 0:
+            assert cl.weight == 0.0, "traffic on a candidate with no ready replica"
+        if cur.ready == 0 and cand.ready > 0:
+            assert cl.weight == 1.0, "traffic on a current version with no ready replica"
+        if cur.ready and cand.ready:
+            assert cl.weight <= cand.ready / (cur.ready + cand.ready) + 1e-12
+
+        resized = any(e.kind == "resized" for e in decision.events)
+        if prev["phase"] is c.Phase.PAUSED and s.phase is c.Phase.PAUSED and not resized:
+            assert not [a for a in decision.actions if isinstance(a, c.ScaleTo)]
+        assert s.step >= prev["step"]
+        prev["step"], prev["phase"] = s.step, s.phase
+
+    return check
+
+
+@given(cases())
+def test_controller_invariants(case: Case):
+    cl = case.cluster
+    d = run(case.policy, cl, case.script, _checker(case))
+    s = d.state
+    assert s.terminal
+    n = s.desired
+    if s.phase in (c.Phase.CANCELLED, c.Phase.FAILED):
+        assert cl.weight == 0.0
+        assert cl.count(c.CANDIDATE).holding == 0 and s.candidate_target == 0
+        assert s.current_target == n
+    else:
+        assert s.phase is c.Phase.SUCCEEDED
+        assert cl.weight == 1.0
+        assert cl.count(c.CURRENT).holding == 0 and s.current_target == 0
+        assert s.candidate_target == n
+    forced = [ctl for _, ctl in case.script.controls if ctl is c.Control.FORCE_CANCEL]
+    if case.steady and case.policy.progress_deadline_seconds >= 86400 and not case.script.controls:
+        assert s.phase is c.Phase.SUCCEEDED, "a quiet rollout must succeed"
+    if forced and s.phase is c.Phase.SUCCEEDED:
+        # force-cancel only loses to a rollout that had already finished
+        done = next(e.t for e in d.history if e.kind == "finished")
+        assert done <= min(t for t, ctl in case.script.controls if ctl is c.Control.FORCE_CANCEL)
