@@ -62,7 +62,8 @@ def simulate(
     out: OutDir = None,
     seed: Annotated[int | None, typer.Option(help="Override the scenario's seed.")] = None,
     policy: Annotated[
-        str | None, typer.Option(help="Override the policy: surge=25 or unavailable=25.")
+        list[str] | None,
+        typer.Option(help="Override the policy: surge=25 or unavailable=25; repeat to compare."),
     ] = None,
     stabilization: Annotated[
         float | None, typer.Option(help="Override stabilization_time_seconds.")

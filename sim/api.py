@@ -1,0 +1,229 @@
+"""The simulator's public calls: run a scenario, write its outputs, compare policies.
+
+`rollout simulate` (see `rollout/cli.py`) calls `simulate_command`; notebooks and the sweep
+call `simulate` and `compare`, which are pure and deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+from pydantic import ValidationError
+
+from rollout import history as h
+from rollout.errors import InputError, describe_validation_error
+from rollout.policy import RolloutPolicy
+from rollout.scenario import Scenario, load_scenario
+from sim.model import Progress, Simulation
+from sim.result import SimResult, clean_json
+
+__all__ = [
+    "SimResult",
+    "compare",
+    "compare_command",
+    "simulate",
+    "simulate_command",
+    "write_outputs",
+]
+
+
+def simulate(
+    scenario: Scenario,
+    *,
+    seed: int | None = None,
+    progress: bool | Progress = False,
+) -> SimResult:
+    """Run one scenario; `seed` overrides the scenario's. `progress` may be a callback
+    `(requests_done, requests_total)`; True draws a progress bar on the terminal."""
+    if progress is True:
+        return _with_bar(scenario, seed, scenario.name)
+    callback = progress if callable(progress) else None
+    return Simulation(scenario, seed=seed, progress=callback).run()
+
+
+def compare(
+    scenario: Scenario,
+    policies: Sequence[RolloutPolicy | str],
+    *,
+    seed: int | None = None,
+    progress: bool = False,
+) -> list[SimResult]:
+    """The scenario under each policy, same seed (same arrivals and request sizes), in order.
+    A policy may be a flag string such as `surge=25`; the scenario's stabilization is kept."""
+    results = []
+    for p in policies:
+        policy = _policy(scenario, p) if isinstance(p, str) else p
+        variant = scenario.with_policy(policy)
+        if progress:
+            results.append(_with_bar(variant, seed, policy.label()))
+        else:
+            results.append(simulate(variant, seed=seed))
+    return results
+
+
+def write_outputs(result: SimResult, out_dir: Path, title: str | None = None) -> None:
+    """summary.json, requests.parquet, timeline.parquet, replicas.parquet, events.jsonl and
+    the plots (timeline.png, latency.png)."""
+    from sim.plots import plot_latency, plot_timeline
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = clean_json(result.summary)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    result.requests.to_parquet(out_dir / "requests.parquet", index=False)
+    result.timeline.to_parquet(out_dir / "timeline.parquet", index=False)
+    result.replicas.to_parquet(out_dir / "replicas.parquet", index=False)
+    (out_dir / "events.jsonl").write_text(h.dump_jsonl(result.events))
+    plot_timeline(result, out_dir / "timeline.png", title=title)
+    plot_latency(result, out_dir / "latency.png", title=title)
+
+
+# ---- the command line's side ---------------------------------------------------------------
+
+
+def simulate_command(
+    path: Path | str,
+    out: Path | None = None,
+    *,
+    seed: int | None = None,
+    policy: str | Sequence[str] | None = None,
+    stabilization: float | None = None,
+) -> list[SimResult]:
+    """`rollout simulate`: load, override the policy, run with a progress bar, write, print.
+
+    Several `policy` flags run the scenario once per policy and print them side by side.
+    """
+    scenario = load_scenario(path)
+    flags = [policy] if isinstance(policy, str) else list(policy or [])
+    if len(flags) > 1:
+        return compare_command(path, flags, out, seed=seed, stabilization=stabilization)
+    if flags or stabilization is not None:
+        chosen = _policy(scenario, flags[0] if flags else None, stabilization)
+        scenario = scenario.with_policy(chosen)
+    out_dir = Path(out) if out is not None else Path("out") / scenario.name
+    result = simulate(scenario, seed=seed, progress=True)
+    write_outputs(result, out_dir, title=_title(scenario, result))
+    _print_table([result], out_dir)
+    return [result]
+
+
+def compare_command(
+    path: Path | str,
+    policies: Sequence[str],
+    out: Path | None = None,
+    *,
+    seed: int | None = None,
+    stabilization: float | None = None,
+) -> list[SimResult]:
+    """Simulate the scenario under each policy flag and print the results side by side;
+    each policy's outputs go to a subfolder of `out`, plus `comparison.csv` and a plot."""
+    from sim.plots import plot_comparison
+
+    scenario = load_scenario(path)
+    if not policies:
+        raise InputError("compare needs at least one policy, such as surge=25")
+    chosen = [_policy(scenario, flag, stabilization) for flag in policies]
+    out_dir = Path(out) if out is not None else Path("out") / scenario.name
+    results = compare(scenario, chosen, seed=seed, progress=True)
+    for policy, result in zip(chosen, results, strict=True):
+        variant = scenario.with_policy(policy)
+        write_outputs(result, out_dir / _slug(policy.label()), title=_title(variant, result))
+    table = pd.DataFrame([clean_json(r.summary) for r in results])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out_dir / "comparison.csv", index=False)
+    plot_comparison(results, out_dir / "comparison.png", title=scenario.name)
+    _print_table(results, out_dir)
+    return results
+
+
+def _policy(
+    scenario: Scenario, flag: str | None, stabilization: float | None = None
+) -> RolloutPolicy:
+    """A policy from a `surge=25` flag and/or a stabilization override; the rest of the
+    scenario's policy (deadlines, limits) is kept."""
+    base = scenario.rollout.policy if scenario.rollout else RolloutPolicy(max_surge_percent=25)
+    fields = base.model_dump()
+    if stabilization is not None:
+        fields["stabilization_time_seconds"] = stabilization
+    try:
+        if flag is None:
+            return RolloutPolicy(**fields)
+        parsed = RolloutPolicy.parse_flag(
+            flag, stabilization_time_seconds=fields["stabilization_time_seconds"]
+        )
+        fields |= {
+            "max_surge_percent": parsed.max_surge_percent,
+            "max_unavailable_percent": parsed.max_unavailable_percent,
+        }
+        return RolloutPolicy(**fields)
+    except ValidationError as e:
+        raise InputError(f"--policy {flag}: {describe_validation_error(e)}") from None
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9=._-]+", "_", label).strip("_")
+
+
+def _title(scenario: Scenario, result: SimResult) -> str:
+    policy = result.summary.get("policy")
+    return f"{scenario.name}: {policy}" if policy else scenario.name
+
+
+def _with_bar(scenario: Scenario, seed: int | None, label: str) -> SimResult:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    sim = Simulation(scenario, seed=seed)
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("requests"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task(label, total=sim.router.n)
+        sim.progress = lambda done, total: bar.update(task, completed=done)
+        return sim.run()
+
+
+_ROWS = (
+    ("outcome", "outcome", "{}"),
+    ("rollout_duration_s", "rollout duration (s)", "{:,.0f}"),
+    ("steps", "steps", "{}"),
+    ("requests", "requests", "{:,}"),
+    ("dropped", "dropped", "{:,}"),
+    ("latency_p50_s", "latency p50 (s)", "{:.3f}"),
+    ("latency_p99_s", "latency p99 (s)", "{:.3f}"),
+    ("latency_p99_rollout_s", "latency p99 during rollout (s)", "{:.3f}"),
+    ("ttft_p99_s", "TTFT p99 (s)", "{:.3f}"),
+    ("ttft_p99_rollout_s", "TTFT p99 during rollout (s)", "{:.3f}"),
+    ("min_ready_replicas", "min ready replicas", "{}"),
+    ("peak_gpus", "peak GPUs", "{}"),
+    ("gpu_hours", "GPU-hours", "{:,.2f}"),
+    ("cost_usd", "cost (USD)", "{:,.2f}"),
+)
+
+
+def _print_table(results: Sequence[SimResult], out_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=results[0].summary["scenario"], title_justify="left")
+    table.add_column("")
+    for r in results:
+        table.add_column(r.summary.get("policy") or "no rollout", justify="right")
+    for key, name, fmt in _ROWS:
+        cells = []
+        for r in results:
+            value = r.summary.get(key)
+            cells.append("–" if value is None else fmt.format(value))
+        table.add_row(name, *cells)
+    console = Console()
+    console.print(table)
+    console.print(f"outputs in {out_dir}/")

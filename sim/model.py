@@ -1,0 +1,344 @@
+"""The simulation: SimPy runs the control plane, the router runs the requests in between.
+
+The rollout controller is the shared one from `rollout/`, driven through the same `Driver` as
+the Ray Serve executor; this module is only its backend (observe the replica counts, apply
+scale and weight actions). The controller ticks when something it waits for happens (a replica
+turns ready or stops, a control arrives), when a stabilization window ends, and every health
+check period as a heartbeat for its deadlines.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Generator, Sequence
+
+import numpy as np
+import pandas as pd
+import simpy
+
+from rollout import controller as c
+from rollout.autoscaler import Autoscaler
+from rollout.driver import Driver
+from rollout.errors import InputError
+from rollout.scenario import Scenario
+from rollout.traces import load_trace
+from sim.cluster import Cluster, GpuPool
+from sim.coldstart import ColdStart
+from sim.replica import CANDIDATE, CURRENT, VERSION_NAMES, Replica, State
+from sim.result import TIMELINE_COLUMNS, RolloutOutcome, SimResult, summarize
+from sim.router import Router
+from sim.service import service_times
+
+Progress = Callable[[int, int], None]
+_VERSION = {c.CURRENT: CURRENT, c.CANDIDATE: CANDIDATE}
+# a run stops at the latest this long after its last arrival, control or rollout start
+# (a rollout paused for good would otherwise never end)
+HORIZON_S = 7 * 24 * 3600.0
+
+
+class Simulation:
+    def __init__(
+        self, scenario: Scenario, *, seed: int | None = None, progress: Progress | None = None
+    ) -> None:
+        self.scenario = scenario
+        self.seed = scenario.seed if seed is None else seed
+        self.progress = progress
+        s, seed = scenario, self.seed
+        if seed < 0:
+            raise InputError(f"the seed must be a whole number >= 0 (got {seed})")
+        self._check(s)
+        self.trace = load_trace(s.trace, seed=seed)
+        cand = s.rollout.candidate if s.rollout else None
+        cand_service = cand.service if cand and cand.service else s.service
+        cand_cold = cand.cold_start if cand and cand.cold_start else s.cold_start
+        svc_current = service_times(s.service, self.trace, seed)
+        svc_candidate = (
+            svc_current
+            if cand_service == s.service
+            else service_times(cand_service, self.trace, seed)
+        )
+        self.env = simpy.Environment()
+        self.router = Router(
+            self.trace.arrival_s.tolist(),
+            (svc_current, svc_candidate),
+            max_ongoing=s.fleet.max_ongoing_requests,
+            timeout_s=s.fleet.request_timeout_s,
+            seed=seed,
+            on_drained=self._drained,
+        )
+        self.cluster = Cluster(
+            self.env,
+            gpus=GpuPool(s.fleet.gpu_capacity, s.fleet.gpus_per_replica),
+            health_period_s=s.health_check.period_s,
+            cold_starts=(
+                ColdStart(s.cold_start, np.random.default_rng([seed, 0xC01D, 0])),
+                ColdStart(cand_cold, np.random.default_rng([seed, 0xC01D, 1])),
+            ),
+            router=self.router,
+            on_change=self._changed,
+        )
+        self.autoscaler: Autoscaler | None = None
+        self.desired = s.fleet.replicas
+        if s.autoscaling is not None:
+            a = s.autoscaling
+            self.desired = min(max(self.desired, a.min_replicas), a.max_replicas)
+            self.autoscaler = Autoscaler(a, self.desired)
+        self.serving = CURRENT  # the version the autoscaler sizes outside a rollout
+        self.driver: Driver | None = None
+        self.rollout_start: float | None = None
+        self.rollout_end: float | None = None
+        self.rows: list[tuple[float, ...]] = []
+        self._last_row: tuple[float, ...] | None = None
+        self._tick_due = False
+        self._wakeups: set[float] = set()
+        self._controls_left = len(s.rollout.controls) if s.rollout else 0
+
+    @staticmethod
+    def _check(s: Scenario) -> None:
+        if s.rollout is None:
+            return
+        for i, ctl in enumerate(s.rollout.controls):
+            if ctl.at_s < s.rollout.at_s:
+                raise InputError(
+                    f"rollout.controls.{i}.at_s ({ctl.at_s:g}) is before the rollout starts "
+                    f"(rollout.at_s {s.rollout.at_s:g})"
+                )
+
+    # ---- the backend protocol (rollout.driver.Backend) -----------------------------------
+
+    def observe(self) -> c.Observation:
+        return c.Observation(
+            time=self.env.now,
+            desired=self.desired,
+            current=self.cluster.observe(CURRENT),
+            candidate=self.cluster.observe(CANDIDATE),
+        )
+
+    def apply(self, actions: Sequence[c.Action]) -> None:
+        for action in actions:
+            if isinstance(action, c.ScaleTo):
+                self.cluster.scale_to(_VERSION[action.version], action.replicas)
+            elif isinstance(action, c.SetWeight):
+                self.router.set_weight(action.candidate_weight)
+                self._record()
+            elif isinstance(action, c.Finish):
+                self._finished(action.outcome)
+
+    # ---- control plane -------------------------------------------------------------------
+
+    def _changed(self) -> None:
+        self._record()
+        self._poke()
+
+    def _record(self) -> None:
+        cur = self.cluster.counts[CURRENT]
+        cand = self.cluster.counts[CANDIDATE]
+        row = (
+            cur[State.READY],
+            cur[State.PENDING_GPU] + cur[State.STARTING],
+            cur[State.DRAINING],
+            cand[State.READY],
+            cand[State.PENDING_GPU] + cand[State.STARTING],
+            cand[State.DRAINING],
+            cur[State.PENDING_GPU] + cand[State.PENDING_GPU],
+            self.cluster.gpus.in_use,
+            self.router.weight,
+            self.desired,
+            self.driver.state.step if self.driver else 0,
+        )
+        if row != self._last_row:
+            self._last_row = row
+            self.rows.append((self.env.now, *row))
+
+    def _drained(self, rep: Replica, t: float) -> None:
+        self.cluster.drained(rep, t)
+
+    def _poke(self) -> None:
+        """Tick the controller once more at this instant, after the changes in progress."""
+        if self._tick_due or self.driver is None or self.driver.done:
+            return
+        self._tick_due = True
+        self.env.timeout(0).callbacks.append(self._poked)
+
+    def _poked(self, _: simpy.Event) -> None:
+        self._tick_due = False
+        self._tick()
+
+    def _tick(self) -> None:
+        driver = self.driver
+        if driver is None or driver.done:
+            return
+        before = driver.state.step
+        driver.tick(self)
+        if driver.state.step != before:
+            self._record()
+        until = driver.state.stabilize_until
+        if until is not None and until > self.env.now and until not in self._wakeups:
+            self._wakeups.add(until)
+            self.env.timeout(until - self.env.now).callbacks.append(lambda _: self._tick())
+
+    def _finished(self, outcome: c.Phase) -> None:
+        self.rollout_end = self.env.now
+        self.serving = CANDIDATE if outcome is c.Phase.SUCCEEDED else CURRENT
+
+    def _autoscale(self) -> Generator[simpy.Event, object, None]:
+        assert self.autoscaler is not None
+        interval = self.autoscaler.config.interval_s
+        while True:
+            yield self.env.timeout(interval)
+            now = self.env.now
+            desired = self.autoscaler.observe(now, self.router.ongoing(now))
+            if desired == self.desired:
+                continue
+            self.desired = desired
+            if self._rolling:
+                self._record()
+                self._poke()
+            else:
+                self.cluster.scale_to(self.serving, desired)
+                self._record()
+
+    @property
+    def _rolling(self) -> bool:
+        return self.driver is not None and not self.driver.done
+
+    def _rollout(self) -> Generator[simpy.Event, object, None]:
+        spec = self.scenario.rollout
+        assert spec is not None
+        yield self.env.timeout(spec.at_s)
+        self.rollout_start = self.env.now
+        self.driver = Driver.begin(spec.policy, self.desired, self.env.now)
+        self._tick()
+        period = self.scenario.health_check.period_s
+        while not self.driver.done:
+            yield self.env.timeout(period)
+            self._tick()
+
+    def _control(self, at_s: float, action: c.Control) -> Generator[simpy.Event, object, None]:
+        yield self.env.timeout(at_s)
+        assert self.driver is not None  # controls are never before the rollout starts
+        self.driver.control(action, self.env.now)
+        self._controls_left -= 1
+        self._tick()
+
+    # ---- running -------------------------------------------------------------------------
+
+    def _quiet(self) -> bool:
+        """Nothing more will happen to the rollout: none, finished, or paused for good."""
+        if self.scenario.rollout is None:
+            return True
+        if self.driver is None:
+            return False
+        if self.driver.done:
+            return True
+        return self.driver.state.phase is c.Phase.PAUSED and self._controls_left == 0
+
+    def run(self) -> SimResult:
+        env, router, s = self.env, self.router, self.scenario
+        self.cluster.boot(CURRENT, self.desired)
+        if self.autoscaler is not None:
+            env.process(self._autoscale())
+        horizon = self.trace.duration_s
+        if s.rollout is not None:
+            env.process(self._rollout())
+            for ctl in sorted(s.rollout.controls, key=lambda x: x.at_s):
+                env.process(self._control(ctl.at_s, ctl.action))
+            last = max([s.rollout.at_s, *(x.at_s for x in s.rollout.controls)])
+            horizon = max(horizon, last)
+        horizon += HORIZON_S
+        n = router.n
+        report_every = max(1, n // 100)
+        next_report = report_every
+        while True:
+            t = env.peek()
+            router.advance(min(t, horizon))
+            if env.peek() < t:
+                continue  # a replica drained: the control plane acts before anything later
+            if self.progress is not None and router.next_i >= next_report:
+                self.progress(router.next_i, n)
+                next_report = router.next_i + report_every
+            if (router.idle and self._quiet()) or t > horizon:
+                break
+            if t == math.inf:
+                if router.idle:
+                    break
+                continue
+            env.step()
+        router.finish()
+        if self.progress is not None:
+            self.progress(n, n)
+        return self._result()
+
+    def _result(self) -> SimResult:
+        s, router = self.scenario, self.router
+        arrival = self.trace.arrival_s
+        start = np.asarray(router.start)
+        end = np.asarray(router.end)
+        first = np.asarray(router.first)
+        dropped = np.isnan(start)
+        versions = np.frombuffer(bytes(router.version), dtype=np.uint8)
+        requests = pd.DataFrame(
+            {
+                "arrival_s": arrival,
+                "start_s": start,
+                "end_s": end,
+                "wait_s": start - arrival,
+                "latency_s": np.where(dropped, np.nan, end - arrival),
+                "ttft_s": np.where(dropped, np.nan, first - arrival),
+                "version": pd.Categorical.from_codes(versions, categories=list(VERSION_NAMES)),
+                "replica_id": np.asarray(router.replica, dtype=np.int32),
+                "dropped": dropped,
+            }
+        )
+        timeline = pd.DataFrame(self.rows, columns=list(TIMELINE_COLUMNS))
+        timeline["t_s"] = timeline["t_s"].astype(float)
+        timeline["candidate_weight"] = timeline["candidate_weight"].astype(float)
+        for col in TIMELINE_COLUMNS[1:]:
+            if col != "candidate_weight":
+                timeline[col] = timeline[col].astype(np.int32)
+        last_end = float(np.nanmax(end)) if len(end) and not np.all(np.isnan(end)) else 0.0
+        end_s = max(self.env.now, last_end, self.trace.duration_s)
+        if self.rollout_end is not None:
+            end_s = max(end_s, self.rollout_end)
+        outcome = self._outcome()
+        summary = summarize(
+            requests,
+            timeline,
+            outcome,
+            end_s=end_s,
+            gpu_hour_usd=s.fleet.gpu_hour_usd,
+            seed=self.seed,
+            scenario=s.name,
+        )
+        events = list(self.driver.history) if self.driver else []
+        return SimResult(summary, requests, timeline, events, self._replicas())
+
+    def _replicas(self) -> pd.DataFrame:
+        reps = self.cluster.replicas
+
+        def times(name: str) -> np.ndarray:
+            values = [getattr(r, name) for r in reps]
+            return np.array([np.nan if v is None else v for v in values], dtype=float)
+
+        return pd.DataFrame(
+            {
+                "replica_id": np.array([r.id for r in reps], dtype=np.int32),
+                "version": pd.Categorical.from_codes(
+                    [r.version for r in reps], categories=list(VERSION_NAMES)
+                ),
+                "created_s": times("created_at"),
+                "gpu_s": times("gpu_at"),
+                "ready_s": times("ready_at"),
+                "stopped_s": times("stopped_at"),
+            }
+        )
+
+    def _outcome(self) -> RolloutOutcome:
+        if self.scenario.rollout is None:
+            return RolloutOutcome(None, None, "none", 0, None)
+        policy = self.scenario.rollout.policy.label()
+        if self.driver is None:  # the run ended before the rollout was due
+            return RolloutOutcome(None, None, "none", 0, policy)
+        state = self.driver.state
+        end = self.rollout_end if state.terminal else None
+        return RolloutOutcome(self.rollout_start, end, state.phase.value, state.step, policy)

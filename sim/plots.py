@@ -1,0 +1,196 @@
+"""Plots of a simulated run: replicas by version and state, traffic weight, desired replicas
+and latency over time, with the rollout's steps marked."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from rollout import history as h
+from sim.result import SimResult
+
+CURRENT_COLOR = "#4477aa"
+CANDIDATE_COLOR = "#ee6677"
+STEP_COLOR = "#888888"
+_BIN_WIDTHS = (10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0)
+
+
+def plot_timeline(result: SimResult, path: Path, title: str | None = None) -> None:
+    """Three stacked panels sharing simulated time (minutes): replicas, weight, latency."""
+    fig = Figure(figsize=(12.5, 8.5))  # no pyplot: no global state, no GUI backend
+    axes = fig.subplots(3, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1.2, 2]})
+    draw_timeline(result, axes, legend=True)
+    fig.suptitle(title or str(result.summary.get("scenario", "")), x=0.01, ha="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def plot_comparison(results: Sequence[SimResult], path: Path, title: str | None = None) -> None:
+    """One column of timeline panels per policy, same axes, for side-by-side reading."""
+    n = len(results)
+    fig = Figure(figsize=(5.6 * n + 1.6, 8.5))
+    axes = fig.subplots(
+        3,
+        n,
+        sharex="col",
+        sharey="row",
+        gridspec_kw={"height_ratios": [3, 1.2, 2]},
+        squeeze=False,
+    )
+    for col, result in enumerate(results):
+        draw_timeline(result, axes[:, col], legend=col == n - 1)
+        axes[0, col].set_title(str(result.summary.get("policy") or "no rollout"))
+    axes[0, 0].set_ylim(0, max(_replica_top(r) for r in results))  # rows share their y axis
+    fig.suptitle(title or "", x=0.01, ha="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def draw_timeline(result: SimResult, axes: Sequence[Axes], *, legend: bool = True) -> None:
+    tl = result.timeline
+    span = float(result.summary.get("span_s") or tl["t_s"].iloc[-1])
+    t = np.append(tl["t_s"].to_numpy(), span) / 60.0
+
+    def steps(col: str) -> np.ndarray:
+        values = tl[col].to_numpy(dtype=float)
+        return np.append(values, values[-1])
+
+    ax = axes[0]
+    layers = [
+        ("current ready", steps("current_ready"), CURRENT_COLOR, 1.0),
+        ("current starting", steps("current_starting"), CURRENT_COLOR, 0.45),
+        ("current draining", steps("current_draining"), CURRENT_COLOR, 0.2),
+        ("candidate ready", steps("candidate_ready"), CANDIDATE_COLOR, 1.0),
+        ("candidate starting", steps("candidate_starting"), CANDIDATE_COLOR, 0.45),
+        ("candidate draining", steps("candidate_draining"), CANDIDATE_COLOR, 0.2),
+    ]
+    ax.stackplot(
+        t,
+        *[values for _, values, _, _ in layers],
+        labels=[name for name, *_ in layers],
+        colors=[color for *_, color, _ in layers],
+        alpha=1.0,
+        step="post",
+    )
+    # stackplot has no per-layer alpha: lighten starting/draining layers afterwards
+    for poly, (*_, alpha) in zip(ax.collections, layers, strict=True):
+        poly.set_alpha(alpha)
+    ax.step(t, steps("gpus_in_use"), where="post", color="#228833", lw=1.4, label="GPUs in use")
+    ax.step(
+        t,
+        steps("desired_replicas"),
+        where="post",
+        color="black",
+        ls="--",
+        lw=1.2,
+        label="desired replicas",
+    )
+    if tl["pending_gpu"].any():
+        ax.step(
+            t,
+            steps("pending_gpu"),
+            where="post",
+            color="#aa3377",
+            lw=1.2,
+            ls=":",
+            label="waiting for a GPU",
+        )
+    ax.set_ylabel("replicas")
+    ax.set_ylim(
+        0,
+        max(1.0, float(tl["gpus_in_use"].max()), float(tl["desired_replicas"].max())) * 1.18 + 0.5,
+    )
+
+    axes[1].step(t, steps("candidate_weight"), where="post", color=CANDIDATE_COLOR, lw=1.5)
+    axes[1].set_ylabel("candidate\nweight")
+    axes[1].set_ylim(-0.05, 1.05)
+
+    _latency_panel(axes[2], result.requests, span)
+    axes[2].set_xlabel("simulated time (min)")
+    for a in axes:
+        _mark_rollout(a, result)
+        a.grid(alpha=0.3)
+        a.set_xlim(0, span / 60.0)
+    if legend:  # outside, on the right: the plot's top is where a surge shows
+        for a in (ax, axes[2]):
+            a.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
+
+
+def _replica_top(result: SimResult) -> float:
+    tl = result.timeline
+    return (
+        max(1.0, float(tl["gpus_in_use"].max()), float(tl["desired_replicas"].max())) * 1.18 + 0.5
+    )
+
+
+def _latency_panel(ax: Axes, requests: pd.DataFrame, span: float) -> None:
+    """p50 and p99 latency (and TTFT p99 when it differs) of requests by arrival minute bin."""
+    done = requests[~requests["dropped"]]
+    width = next((w for w in _BIN_WIDTHS if w >= span / 150.0), _BIN_WIDTHS[-1])
+    if len(done):
+        bins = (done["arrival_s"] // width).astype(np.int64)
+        grouped = done.groupby(bins, sort=True)
+        lat = grouped["latency_s"].quantile([0.5, 0.99]).unstack()
+        x = (lat.index.to_numpy() + 0.5) * width / 60.0
+        ax.plot(x, lat[0.5], color="#4477aa", lw=1.0, label="latency p50")
+        ax.plot(x, lat[0.99], color="#cc3311", lw=1.0, label="latency p99")
+        if not np.allclose(done["ttft_s"].to_numpy(), done["latency_s"].to_numpy()):
+            ttft = grouped["ttft_s"].quantile(0.99)
+            ax.plot(x, ttft.to_numpy(), color="#009988", lw=1.0, label="TTFT p99")
+    drops = requests[requests["dropped"]]
+    if len(drops):
+        x = drops["arrival_s"].to_numpy() / 60.0
+        ax.plot(x, np.zeros_like(x), "|", color="black", ms=8, label="dropped")
+    ax.set_ylabel(f"latency (s)\nby arrival, {width:g} s bins")
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_ylim(bottom=0)
+
+
+def _mark_rollout(ax: Axes, result: SimResult) -> None:
+    start = result.summary.get("rollout_start_s")
+    if start is None:
+        return
+    end = result.summary.get("rollout_end_s") or result.summary.get("span_s")
+    ax.axvspan(start / 60.0, end / 60.0, color="#ccbb44", alpha=0.15, lw=0, zorder=0)
+    for e in result.events:
+        if isinstance(e, h.StepCompleted):
+            ax.axvline(e.t / 60.0, color=STEP_COLOR, lw=0.8, ls=":")
+        elif isinstance(e, h.ControlReceived):
+            ax.axvline(e.t / 60.0, color="#aa3377", lw=1.0, ls="-.")
+
+
+def plot_latency(result: SimResult, path: Path, title: str | None = None) -> None:
+    """Latency distribution (CCDF, log scale) per version and inside/outside the rollout."""
+    req = result.requests[~result.requests["dropped"]]
+    fig = Figure(figsize=(7.5, 4.5))
+    ax = fig.subplots()
+    start = result.summary.get("rollout_start_s")
+    end = result.summary.get("rollout_end_s") or result.summary.get("span_s")
+    groups: list[tuple[str, pd.Series, str]] = []
+    for version, color in (("current", CURRENT_COLOR), ("candidate", CANDIDATE_COLOR)):
+        lat = req.loc[req["version"] == version, "latency_s"]
+        if len(lat):
+            groups.append((f"{version} version", lat, color))
+    if start is not None:
+        inside = (req["arrival_s"] >= start) & (req["arrival_s"] <= end)
+        groups.append(("arrived during the rollout", req.loc[inside, "latency_s"], "#ccbb44"))
+    for name, lat, color in groups:
+        if not len(lat):
+            continue
+        x = np.sort(lat.to_numpy())
+        ccdf = 1.0 - np.arange(len(x)) / len(x)
+        ax.step(x, ccdf, where="post", color=color, label=f"{name} ({len(x):,})")
+    ax.set_yscale("log")
+    ax.set_xlabel("latency (s)")
+    ax.set_ylabel("fraction of requests slower")
+    ax.grid(alpha=0.3, which="both")
+    if groups:
+        ax.legend(fontsize=8)
+    ax.set_title(title or str(result.summary.get("scenario", "")), loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

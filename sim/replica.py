@@ -1,0 +1,52 @@
+"""A model-serving replica as the simulator tracks it."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import simpy
+
+
+class State(IntEnum):
+    PENDING_GPU = 0  # asked for a GPU; none free yet
+    STARTING = 1  # holds its GPU; cold start and health checks under way
+    READY = 2  # passed a health check; the router sends it requests
+    DRAINING = 3  # removed: no new requests, finishing in-flight ones, still holds its GPU
+    STOPPED = 4  # released its GPU
+
+
+CURRENT, CANDIDATE = 0, 1
+VERSION_NAMES = ("current", "candidate")
+
+
+class Replica:
+    """One replica; slots keep the request path's attribute reads cheap."""
+
+    __slots__ = (
+        "created_at",
+        "draining",
+        "gpu_at",
+        "granted",
+        "id",
+        "ongoing",
+        "ready_at",
+        "state",
+        "stopped_at",
+        "version",
+    )
+
+    def __init__(self, rid: int, version: int, now: float) -> None:
+        self.id = rid
+        self.version = version
+        self.state = State.PENDING_GPU
+        self.ongoing = 0  # requests in service on this replica
+        self.draining = False
+        self.created_at = now
+        self.gpu_at: float | None = None
+        self.ready_at: float | None = None
+        self.stopped_at: float | None = None
+        self.granted: simpy.Event | None = None
+
+    def __repr__(self) -> str:
+        name = VERSION_NAMES[self.version]
+        return f"Replica({self.id}, {name}, {self.state.name}, ongoing={self.ongoing})"
