@@ -555,7 +555,8 @@ class _Run:
         if self.now >= until or self.s.roll_forward_requested:
             self._transition(Stage.BOUNDARY, "stabilized")
         else:
-            self._wait(f"stabilizing until t={until:g}")
+            wait = self.s.policy.stabilization_time_seconds
+            self._wait(f"stabilizing for {wait:g} s after step {self.s.step}")
 
     def _finishing(self) -> None:
         inc, out = self.incoming, self.outgoing

@@ -37,10 +37,10 @@ def test_plain_unavailable_rollout_steps_and_weights():
 
 def test_pause_takes_effect_at_the_step_boundary_and_resume_continues():
     cl = FakeCluster(desired=10, start_delay=(5, 5))
-    seen = []
+    log = []
 
     def check(d, cluster, decision, seen, weight):
-        seen.append((cluster.now, d.state.phase, d.state.step, d.state.candidate_target))
+        log.append((cluster.now, d.state.phase, d.state.step, d.state.candidate_target))
 
     d = run(
         SURGE,
@@ -49,7 +49,7 @@ def test_pause_takes_effect_at_the_step_boundary_and_resume_continues():
         check,
     )
     assert d.state.phase is c.Phase.SUCCEEDED
-    paused = [s for s in seen if s[1] is c.Phase.PAUSED]
+    paused = [s for s in log if s[1] is c.Phase.PAUSED]
     # the in-flight step finished (3 candidates ready, traffic shifted) before pausing
     assert paused and all(s[2] == 1 and s[3] == 3 for s in paused)
     assert min(s[0] for s in paused) >= 5.0 + 30.0  # after step 1's stabilization

@@ -1,0 +1,169 @@
+"""Deploy files (YAML): what `rollout deploy` reads. Unknown keys are errors, like scenarios.
+
+The format is fixed by DESIGN.md ("Deploy files and the executor's process model"); times are
+seconds. A few optional keys beyond it (`model.deployment`, `model.graceful_shutdown_timeout_s`,
+`http.route_prefix`) have defaults that keep the documented files valid.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rollout.autoscaler import AutoscalingConfig
+from rollout.errors import InputError, describe_validation_error
+from rollout.policy import RolloutPolicy
+
+# Serve application names derive from these: `{name}` is the router (the public face) and
+# `{name}_{version}` one version, so neither may contain an underscore.
+NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
+VERSION = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,30}[A-Za-z0-9])?$")
+IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    import_path: str  # a Serve application builder, resolved on the cluster
+    args: dict[str, Any] = {}
+    ray_actor_options: dict[str, Any] = {}
+    max_ongoing_requests: int = Field(5, ge=1, le=100_000)
+    deployment: str | None = None  # the builder's ingress deployment; found by import if unset
+    graceful_shutdown_timeout_s: float = Field(20.0, ge=0, le=3600)
+
+    @field_validator("import_path")
+    @classmethod
+    def _import_path(cls, v: str) -> str:
+        if not IMPORT_PATH.match(v):
+            raise ValueError("must look like package.module:builder")
+        return v
+
+    @field_validator("ray_actor_options")
+    @classmethod
+    def _actor_options(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in ("num_gpus", "num_cpus"):
+            got = v.get(key, 0)
+            if not isinstance(got, int | float) or isinstance(got, bool) or got < 0:
+                raise ValueError(f"{key} must be a number of at least 0 (got {got!r})")
+        return v
+
+    @property
+    def num_gpus(self) -> float:
+        return float(self.ray_actor_options.get("num_gpus", 0))
+
+
+class HealthCheckSpec(_Strict):
+    period_s: float = Field(10.0, gt=0, le=3600)
+    timeout_s: float = Field(30.0, gt=0, le=3600)
+
+
+class ClusterSpec(_Strict):
+    address: str | None = None  # null: a local cluster that rollout starts and `down` stops
+    num_gpus: int | None = Field(None, ge=0, le=4096)  # local cluster: logical GPUs
+    num_cpus: int | None = Field(None, ge=1, le=4096)  # local cluster: logical CPUs
+
+
+class HttpSpec(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    route_prefix: str = "/"
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("must start with '/'")
+        return v
+
+
+class DeploySpec(_Strict):
+    name: str
+    version: str
+    model: ModelSpec
+    health_check: HealthCheckSpec = HealthCheckSpec()
+    replicas: int = Field(ge=1, le=1000)
+    autoscaling: AutoscalingConfig | None = None
+    policy: RolloutPolicy = RolloutPolicy(max_surge_percent=25)
+    progress_deadline_s: float | None = Field(None, gt=0, le=86400)
+    cluster: ClusterSpec = ClusterSpec()
+    http: HttpSpec = HttpSpec()
+    store: str | None = None  # null: SQLite under .rollout/; or a postgresql:// URL
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME.match(v):
+            raise ValueError("must be 1-40 lowercase letters, digits or '-', not at either end")
+        return v
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        if not VERSION.match(v):
+            raise ValueError("must be 1-32 letters, digits, '.' or '-', not at either end")
+        return v
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("postgresql://", "postgres://", "sqlite:///")):
+            raise ValueError("must be null, a postgresql:// URL or a sqlite:/// URL")
+        return v
+
+    @model_validator(mode="after")
+    def _fits(self) -> DeploySpec:
+        gpus, need = self.cluster.num_gpus, self.replicas * self.model.num_gpus
+        if self.cluster.address is None and gpus is not None and need > gpus:
+            raise ValueError(
+                f"cluster.num_gpus ({gpus}) is below the {need:g} GPUs that "
+                f"{self.replicas} replicas need"
+            )
+        if self.autoscaling is not None:
+            lo, hi = self.autoscaling.min_replicas, self.autoscaling.max_replicas
+            if not lo <= self.replicas <= hi:
+                raise ValueError(
+                    f"replicas ({self.replicas}) must lie within autoscaling's "
+                    f"min_replicas ({lo}) and max_replicas ({hi})"
+                )
+        return self
+
+    def rollout_policy(self) -> RolloutPolicy:
+        """The policy with the file's top-level progress deadline folded in."""
+        if self.progress_deadline_s is None:
+            return self.policy
+        return self.policy.model_copy(
+            update={"progress_deadline_seconds": self.progress_deadline_s}
+        )
+
+    def app_name(self, version: str | None = None) -> str:
+        return version_app(self.name, version or self.version)
+
+
+def version_app(name: str, version: str) -> str:
+    """The Serve application that runs one version (the router app is `name` itself)."""
+    return f"{name}_{version}"
+
+
+def load_deploy_file(path: Path | str) -> DeploySpec:
+    """Read and validate a deploy file; raises InputError with one sentence."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no such deploy file: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise InputError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: a deploy file must be a YAML mapping")
+    try:
+        return DeploySpec.model_validate(raw)
+    except ValidationError as e:
+        raise InputError(f"{path}: {describe_validation_error(e)}") from None

@@ -1,0 +1,253 @@
+"""Shared pieces of the executor's real-Ray tests: one local cluster per test module.
+
+The cluster is the very one `rollout deploy` starts (a detached `ray start --head` with logical
+GPUs, recorded under a temporary `.rollout/`); the tests drive it through the `rollout` command
+line in subprocesses, as a user would, and watch it as a Ray driver.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+GPUS = 6  # logical GPUs of the test cluster
+_CLIENTS: dict[str, Any] = {}
+
+
+@dataclass
+class RayCluster:
+    home: Path
+    port: int
+    address: str
+    tmp: Path
+
+    def env(self) -> dict[str, str]:
+        return dict(
+            os.environ,
+            ROLLOUT_HOME=str(self.home),
+            ROLLOUT_TICK_S="0.25",
+            PYTHONPATH=str(REPO),
+        )
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def deploy_file(self, name: str, version: str, **over: Any) -> Path:
+        """A deploy file for the example model (versions v1 and v2 carry matching weights)."""
+        spec: dict[str, Any] = {
+            "name": name,
+            "version": version,
+            "model": {
+                "import_path": "examples.model:app",
+                "args": {"weights": f"examples/weights-{version}.npz", "load_delay_s": 0.3},
+                "ray_actor_options": {"num_gpus": 1, "num_cpus": 0.1},
+                "graceful_shutdown_timeout_s": 1,
+            },
+            "health_check": {"period_s": 1, "timeout_s": 5},
+            "replicas": 2,
+            "policy": {"max_surge_percent": 25, "stabilization_time_seconds": 1},
+            "progress_deadline_s": 90,
+            "cluster": {"num_gpus": GPUS},
+            "http": {"port": self.port, "route_prefix": f"/{name}"},
+        }
+        for key, value in over.items():
+            if key in ("model", "http") and isinstance(value, dict):
+                spec[key] = {**spec[key], **value}
+            else:
+                spec[key] = value
+        path = self.tmp / f"{name}-{version}-{abs(hash(json.dumps(spec))) % 10**6}.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        return path
+
+    def cli(self, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "rollout.cli", *args],
+            cwd=REPO, env=self.env(), capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+
+    def popen(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "rollout.cli", *args],
+            cwd=REPO, env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+    def status(self, rollout_id: str) -> dict[str, Any]:
+        """`rollout status ID --json`, as the command prints it."""
+        out = self.cli("status", rollout_id, "--json")
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    def peek(self, rollout_id: str) -> dict[str, Any]:
+        """The same status read in this process: cheap enough to poll on a 2-core machine."""
+        from executor import status, store
+
+        st, rec = store.find(rollout_id)
+        if st.url not in _CLIENTS:
+            _CLIENTS[st.url] = status.client(st.url)
+        return status.read_status(_CLIENTS[st.url], rec)
+
+    def history(self, rollout_id: str) -> list[dict[str, Any]]:
+        out = self.cli("history", rollout_id, "--json")
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    def deploy_detached(self, path: Path) -> str:
+        out = self.cli("deploy", str(path), "--detach")
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip().splitlines()[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(fn: Callable[[], Any], timeout: float = 60, every: float = 0.4, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = fn()
+        if got:
+            return got
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what or fn}")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
+    """A local cluster with logical GPUs started the way `rollout deploy` starts it."""
+    import ray
+    from ray import serve
+
+    from executor import cluster
+
+    tmp = tmp_path_factory.mktemp("executor")
+    home = tmp / "home"
+    saved = {k: os.environ.get(k) for k in ("ROLLOUT_HOME", "ROLLOUT_TICK_S")}
+    os.environ["ROLLOUT_HOME"] = str(home)
+    os.environ["ROLLOUT_TICK_S"] = "0.25"
+    cwd = os.getcwd()
+    os.chdir(REPO)  # the cluster's workers import the example model from here
+    try:
+        info = cluster.start_local(num_gpus=GPUS, num_cpus=16)
+    finally:
+        os.chdir(cwd)
+    port = free_port()
+    try:
+        cluster.connect(info.address)
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield RayCluster(home, port, info.address, tmp)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.stop_local()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# ---- looking at the cluster ------------------------------------------------------------------
+
+
+def serve_details() -> dict[str, Any]:
+    from executor.cluster import serve_client
+
+    return serve_client().get_serve_details()
+
+
+def replicas(details: dict[str, Any], app: str) -> list[dict[str, Any]]:
+    info = details.get("applications", {}).get(app)
+    if not info:
+        return []
+    return [r for d in info.get("deployments", {}).values() for r in d.get("replicas", [])]
+
+
+def live_version(name: str) -> str | None:
+    from executor.serve_backend import live_versions
+
+    live = live_versions(name, serve_details())
+    return next(iter(live)) if len(live) == 1 else None
+
+
+def gpus_free() -> float:
+    import ray
+
+    return float(ray.available_resources().get("GPU", 0.0))
+
+
+def remove(name: str) -> None:
+    """Take a model's applications down and wait until their GPUs are free again."""
+    from executor.serve_backend import remove_apps
+
+    remove_apps(name)
+    wait_for(lambda: gpus_free() >= GPUS, 60, what=f"{name}'s GPUs to be released")
+
+
+def ensure_live(c: RayCluster, name: str, **over: Any) -> str:
+    """The version of `name` that serves now, deploying v1 first if nothing does."""
+    live = live_version(name)
+    if live:
+        return live
+    out = c.cli("deploy", str(c.deploy_file(name, "v1", **over)))
+    assert out.returncode == 0, out.stdout + out.stderr
+    return "v1"
+
+
+def other(version: str) -> str:
+    return "v2" if version == "v1" else "v1"
+
+
+@dataclass
+class Sample:
+    t: float
+    holding: int  # replicas of both versions holding a GPU (placed: starting, running, stopping)
+    running: int
+    gpus_used: float
+
+
+@dataclass
+class Monitor:
+    """Watches both versions' replicas every few hundred milliseconds from a thread."""
+
+    apps: tuple[str, ...]
+    every_s: float = 0.2
+    samples: list[Sample] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            details = serve_details()
+            free = gpus_free()
+            holding = running = 0
+            for app in self.apps:
+                for r in replicas(details, app):
+                    holding += bool(r.get("node_id"))
+                    running += r["state"] == "RUNNING"
+            self.samples.append(Sample(time.time(), holding, running, GPUS - free))
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> Monitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)

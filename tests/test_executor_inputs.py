@@ -1,0 +1,262 @@
+"""Bad deploy files and unknown rollout ids: one clear line and a non-zero exit; plus the
+executor's pure pieces (router choice, config merging, history reading) without a cluster."""
+
+from __future__ import annotations
+
+import collections
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from executor import status, store
+from executor.deploy_file import load_deploy_file
+from executor.router import Router
+from executor.serve_backend import declarative_apps, live_versions, router_routes
+from rollout import history as h
+from rollout.errors import InputError
+
+REPO = Path(__file__).resolve().parent.parent
+GOOD = yaml.safe_load((REPO / "examples" / "deploy-v2.yaml").read_text())
+
+
+def run_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {"ROLLOUT_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
+    return subprocess.run(
+        [sys.executable, "-m", "rollout.cli", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def write(tmp_path: Path, spec: Any) -> Path:
+    path = tmp_path / "deploy.yaml"
+    path.write_text(spec if isinstance(spec, str) else yaml.safe_dump(spec))
+    return path
+
+
+def with_(**changes: Any) -> dict[str, Any]:
+    spec = json.loads(json.dumps(GOOD))
+    for dotted, value in changes.items():
+        *parents, last = dotted.split("__")
+        node = spec
+        for p in parents:
+            node = node[p]
+        if value is ...:
+            del node[last]
+        else:
+            node[last] = value
+    return spec
+
+
+def test_the_bundled_deploy_files_are_valid() -> None:
+    v1 = load_deploy_file(REPO / "examples" / "deploy-v1.yaml")
+    v2 = load_deploy_file(REPO / "examples" / "deploy-v2.yaml")
+    assert (v1.name, v1.version, v2.version) == ("chat", "v1", "v2")
+    assert v2.rollout_policy().progress_deadline_seconds == 300
+    assert v2.model.num_gpus == 1
+
+
+BAD = [
+    (with_(colour="blue"), "unknown field 'colour'"),
+    (with_(model__gpu=1), "unknown field 'model.gpu'"),
+    (with_(replicas=...), "missing field 'replicas'"),
+    (with_(replicas=0), "replicas"),
+    (with_(policy={"max_surge_percent": 25, "max_unavailable_percent": 25}), "exactly one"),
+    (with_(policy={"max_surge_percent": 0}), "exactly one"),
+    (with_(policy={"max_surge_percent": 80}), "max_surge_percent"),
+    (with_(name="Chat_Bot"), "name"),
+    (with_(version="v_2"), "version"),
+    (with_(model__import_path="examples/model.py"), "package.module:builder"),
+    (with_(model__ray_actor_options={"num_gpus": -1}), "num_gpus"),
+    (with_(cluster={"num_gpus": 2}), "cluster.num_gpus (2) is below"),
+    (with_(store="mysql://db/rollout"), "store"),
+    (with_(http={"port": 70000}), "http.port"),
+    (with_(autoscaling={"min_replicas": 1, "max_replicas": 2}), "within autoscaling"),
+    ("name: [unclosed", "not valid YAML"),
+    ("- a\n- list\n", "must be a YAML mapping"),
+]
+
+
+@pytest.mark.parametrize("spec,words", BAD, ids=[w for _, w in BAD])
+def test_bad_deploy_file_is_one_line_in_process(tmp_path: Path, spec: Any, words: str) -> None:
+    with pytest.raises(InputError) as e:
+        load_deploy_file(write(tmp_path, spec))
+    assert words in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("spec,words", BAD[:3] + BAD[-2:], ids=[w for _, w in BAD[:3] + BAD[-2:]])
+def test_bad_deploy_file_from_the_cli(tmp_path: Path, spec: Any, words: str) -> None:
+    out = run_cli(tmp_path, "deploy", str(write(tmp_path, spec)))
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0] and lines[0].startswith("rollout: error:")
+    assert out.stdout == ""
+
+
+def test_missing_deploy_file(tmp_path: Path) -> None:
+    out = run_cli(tmp_path, "deploy", str(tmp_path / "nope.yaml"))
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"rollout: error: no such deploy file: {tmp_path / 'nope.yaml'}"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["status", "chat-v9-nope"],
+        ["status", "chat-v9-nope", "--json"],
+        ["history", "chat-v9-nope", "--json"],
+        ["pause", "chat-v9-nope"],
+        ["force-cancel", "chat-v9-nope"],
+    ],
+)
+def test_unknown_rollout_id(tmp_path: Path, args: list[str]) -> None:
+    # an existing store without that id, and a missing store, both say the same
+    for prepare in (False, True):
+        if prepare:
+            (tmp_path / "home").mkdir(exist_ok=True)
+            store.Store(f"sqlite:///{tmp_path / 'home' / 'rollout.sqlite'}").dispose()
+        out = run_cli(tmp_path, *args)
+        assert out.returncode == 2
+        assert out.stderr.strip() == "rollout: error: unknown rollout id 'chat-v9-nope'"
+        assert out.stdout == ""
+
+
+# ---- the router's choice ---------------------------------------------------------------------
+
+
+def test_router_splits_by_weight_and_never_picks_weight_zero() -> None:
+    router = Router.func_or_class.__new__(Router.func_or_class)
+    Router.func_or_class.__init__(router)
+    router.handles = {"m_v1": object(), "m_v2": object()}  # skip real handles
+    route = {"version": "v1", "app": "m_v1", "deployment": "Model"}
+    router.routes = [r for r in [route | {"weight": 0.0}, {**route, "version": "v2",
+                     "app": "m_v2", "weight": 1.0}] if r["weight"] > 0]  # fmt: skip
+    random.seed(1)
+    assert {router._choose()["version"] for _ in range(500)} == {"v2"}
+    router.routes = [route | {"weight": 0.3}, {**route, "version": "v2", "weight": 0.7}]
+    counts = collections.Counter(router._choose()["version"] for _ in range(4000))
+    assert abs(counts["v2"] / 4000 - 0.7) < 0.03
+    router.routes = []
+    assert router._choose() is None
+
+
+def test_router_reconfigure_drops_zero_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    import executor.router as r
+
+    monkeypatch.setattr(r.serve, "get_deployment_handle", lambda dep, app: f"handle:{app}")
+    router = Router.func_or_class()
+    router.reconfigure(
+        {
+            "stamp": 7,
+            "routes": [
+                {"version": "v1", "app": "m_v1", "deployment": "Model", "weight": 0.0},
+                {"version": "v2", "app": "m_v2", "deployment": "Model", "weight": 1.0},
+            ],
+        }
+    )
+    assert router.stats()["stamp"] == 7
+    assert router.stats()["weights"] == {"v2": 1.0}
+    assert router.handles == {"m_v2": "handle:m_v2"}
+
+
+# ---- reading Serve's details -----------------------------------------------------------------
+
+
+def test_declarative_apps_keeps_only_config_deployed_live_apps() -> None:
+    details = {
+        "applications": {
+            "m": {"source": "declarative", "status": "RUNNING", "deployed_app_config": {"a": 1}},
+            "m_v1": {"source": "declarative", "status": "DELETING", "deployed_app_config": {}},
+            "other": {"source": "imperative", "status": "RUNNING", "deployed_app_config": None},
+            "m_v2": {
+                "source": "declarative",
+                "status": "DEPLOYING",
+                "deployed_app_config": {"b": 2},
+            },
+        }
+    }
+    assert declarative_apps(details) == {"m": {"a": 1}, "m_v2": {"b": 2}}
+    assert set(live_versions("m", details)) == {"v2"}
+    assert live_versions("mm", details) == {}
+    conf = {"deployments": [{"user_config": {"routes": [{"version": "v2", "weight": 1.0}]}}]}
+    assert router_routes(conf) == [{"version": "v2", "weight": 1.0}]
+    assert router_routes(None) == []
+
+
+# ---- reading the history back ----------------------------------------------------------------
+
+
+class FakeSteps:
+    """What DBOS's client returns for a workflow's steps (completed ones and one in flight)."""
+
+    def __init__(self, steps: list[dict[str, Any]]) -> None:
+        self.steps = steps
+
+    def list_workflow_steps(self, workflow_id: str, offset: int = 0) -> list[dict[str, Any]]:
+        return self.steps[offset:]
+
+
+def step(name: str, events: list[h.Event] | None, done: bool = True) -> dict[str, Any]:
+    out = json.dumps({"events": [e.model_dump(mode="json") for e in events]}) if events else None
+    return {
+        "function_name": name,
+        "output": out,
+        "error": None,
+        "completed_at_epoch_ms": 1 if done else None,
+    }
+
+
+def test_history_is_the_concatenation_of_recorded_steps() -> None:
+    e1 = h.RolloutStarted(t=1.0, policy={"max_surge_percent": 25}, desired=4, steps=4)
+    e2 = h.Scaled(t=2.0, version="candidate", replicas=1, reason="step 1")
+    e3 = h.ActionApplied(t=2.1, action="scale candidate to 1", seconds=0.1)
+    fake = FakeSteps(
+        [
+            step("begin_step", [e1]),
+            step("DBOS.recv", None),
+            step("iterate_step", [e2, e3]),
+            step("DBOS.setEvent", None),
+            step("iterate_step", None, done=False),
+        ]
+    )
+    events, offset = status.read_history(fake, "id")  # type: ignore[arg-type]
+    assert events == [e1, e2, e3]
+    assert offset == 4  # the step in flight is read next time, not skipped
+    fake.steps[4] = step("iterate_step", [h.Waiting(t=3.0, reason="x")])
+    more, offset = status.read_history(fake, "id", offset)  # type: ignore[arg-type]
+    assert [e.kind for e in more] == ["waiting"] and offset == 5
+    line = status.format_event(e2)
+    assert "scaled" in line and "replicas=1" in line
+
+
+# ---- the pooled autoscaler's state survives from step to step ---------------------------------
+
+
+def test_autoscaler_state_is_carried_in_the_step_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    import executor.serve_backend as sb
+    from executor.deploy_file import DeploySpec
+
+    spec = DeploySpec.model_validate(
+        with_(replicas=2, autoscaling={"min_replicas": 1, "max_replicas": 6,
+              "target_ongoing_requests": 2, "upscale_delay_s": 3, "look_back_period_s": 5})
+    )  # fmt: skip
+    plan = sb.Plan(
+        id="x", name="chat", from_version="v1", to_version="v2", spec=spec, current_app=None,
+        candidate_app={}, desired_start=2, address="", store_url="",
+    )  # fmt: skip
+    ongoing = {"v1": 5, "v2": 3}  # 8 in flight → 4 replicas wanted, after the upscale delay
+    monkeypatch.setattr(sb, "router_stats", lambda name: {"ongoing": ongoing})
+    memory = sb.Memory()
+    desired = []
+    for now in (100.0, 101.0, 102.0, 103.5, 104.0):
+        backend = sb.ServeBackend.__new__(sb.ServeBackend)
+        backend.plan, backend.mem = plan, memory.model_copy(deep=True)
+        desired.append(backend._desired(now))
+        memory = sb.Memory.model_validate_json(backend.mem.model_dump_json())  # as recorded
+    assert desired == [2, 2, 2, 4, 4]
