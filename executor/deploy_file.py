@@ -11,12 +11,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rollout.autoscaler import AutoscalingConfig
-from rollout.errors import InputError, describe_validation_error
 from rollout.policy import RolloutPolicy
+from rollout.yamlfile import load_yaml_model
 
 # Serve application names derive from these: `{name}` is the router (the public face) and
 # `{name}_{version}` one version, so neither may contain an underscore.
@@ -152,18 +151,4 @@ def version_app(name: str, version: str) -> str:
 
 def load_deploy_file(path: Path | str) -> DeploySpec:
     """Read and validate a deploy file; raises InputError with one sentence."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"no such deploy file: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise InputError(f"{path}: not valid YAML{where}") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"{path}: a deploy file must be a YAML mapping")
-    try:
-        return DeploySpec.model_validate(raw)
-    except ValidationError as e:
-        raise InputError(f"{path}: {describe_validation_error(e)}") from None
+    return load_yaml_model(path, DeploySpec, "deploy file")

@@ -9,13 +9,13 @@ import itertools
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rollout.autoscaler import AutoscalingConfig
 from rollout.controller import Control
 from rollout.errors import InputError, describe_validation_error
 from rollout.policy import RolloutPolicy
+from rollout.yamlfile import load_yaml_model
 
 
 class _Strict(BaseModel):
@@ -182,22 +182,8 @@ class Scenario(_Strict):
 def load_scenario(path: Path | str) -> Scenario:
     """Read and validate a scenario; relative paths inside resolve against the working directory
     first and then the scenario's folder. Raises InputError with one sentence."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"no such scenario file: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise InputError(f"{path}: not valid YAML{where}") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"{path}: a scenario must be a YAML mapping")
-    try:
-        scenario = Scenario.model_validate(raw)
-    except ValidationError as e:
-        raise InputError(f"{path}: {describe_validation_error(e)}") from None
-    return _resolve_paths(scenario, path.parent)
+    scenario = load_yaml_model(path, Scenario, "scenario file")
+    return _resolve_paths(scenario, Path(path).parent)
 
 
 def _resolve(p: Path | None, base: Path) -> Path | None:
