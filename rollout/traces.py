@@ -8,6 +8,7 @@ Bad files end in one `InputError` sentence naming the file and, where it helps, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -62,11 +63,27 @@ def read_trace_csv(path: Path | str) -> Trace:
     """Read a CSV with a `TIMESTAMP` (date-time) or `arrival_s` (seconds) column.
 
     Azure's timestamps carry 7 fractional digits (`2023-11-16 18:17:03.9799600`), one more than
-    Python's `%f` takes, so they are parsed as ISO 8601 (pandas keeps nanoseconds).
+    Python's `%f` takes, so they are parsed as ISO 8601 (pandas keeps nanoseconds). Parsing is
+    most of a short simulation's time, so a sweep parses each file once per process: the
+    parsed trace is cached by path, size and modification time, with read-only arrays.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"no such trace file: {path}")
+    stat = path.stat()
+    return _read_cached(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=8)
+def _read_cached(name: str, size: int, mtime_ns: int) -> Trace:
+    trace = _read(Path(name))
+    for arr in (trace.arrival_s, trace.context_tokens, trace.generated_tokens):
+        if arr is not None:
+            arr.setflags(write=False)
+    return trace
+
+
+def _read(path: Path) -> Trace:
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
     except pd.errors.EmptyDataError:

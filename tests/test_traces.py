@@ -132,3 +132,13 @@ def test_synthetic_tokens_are_constant():
     )
     assert set(trace.context_tokens.tolist()) == {500}
     assert set(trace.generated_tokens.tolist()) == {40}
+
+
+def test_parsed_traces_are_cached_until_the_file_changes(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("arrival_s\n0\n1\n2\n")
+    first = read_trace_csv(path)
+    assert read_trace_csv(path) is first  # parsed once
+    assert not first.arrival_s.flags.writeable  # shared, so nobody may change it
+    path.write_text("arrival_s\n0\n1\n2\n3\n")
+    assert len(read_trace_csv(path)) == 4
