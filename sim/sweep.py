@@ -438,7 +438,7 @@ def write_sweep(result: SweepResult, out_dir: Path | str, *, timelines: bool = T
     report.plot_pareto(result.policies, out / "pareto.png", result.scenario.slo, rec)
     report.plot_durations(result.policies, out / "durations.png")
     images = {
-        "p99 latency during the rollout against GPU cost": "pareto.png",
+        "p99 latency in the worst 5 minutes of the rollout against GPU cost": "pareto.png",
         "Rollout duration per setting": "durations.png",
     }
     if timelines:
