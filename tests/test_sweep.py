@@ -223,11 +223,16 @@ def rows_table(rng: np.random.Generator, n_policies: int, seeds: int) -> pd.Data
     return pd.DataFrame(rows)
 
 
-def test_slo_uses_the_rollout_window_and_falls_back_to_the_run() -> None:
+def test_slo_judges_the_worst_five_minutes_then_the_rollout_then_the_run() -> None:
     rows = rows_table(np.random.default_rng(0), 2, 2)
     rows.loc[1, "latency_p99_rollout_s"] = math.nan
     judged = report.assess(rows, Slo(latency_p99_s=2.0), 2.5)
     assert list(judged["slo_window"]) == ["rollout", "run", "rollout", "rollout"]
+    rows.loc[2, "latency_p99_worst5m_s"] = 7.5
+    rows.loc[2, "latency_p99_rollout_s"] = 1.0  # diluted by a long rollout
+    judged = report.assess(rows, Slo(latency_p99_s=2.0), 2.5)
+    assert judged.loc[2, "slo_window"] == "worst 5 min"
+    assert judged.loc[2, "slo_latency_p99_s"] == 7.5 and not judged.loc[2, "slo_met"]
     assert judged.loc[1, "slo_latency_p99_s"] == rows.loc[1, "latency_p99_s"]
     assert judged.loc[0, "slo_latency_p99_s"] == rows.loc[0, "latency_p99_rollout_s"]
     assert judged.loc[0, "slo_ttft_p99_s"] == 0.1  # TTFT window missing: whole run
@@ -321,7 +326,10 @@ def test_timelines_show_each_policys_worst_seed() -> None:
     judged = report.assess(rows, Slo(latency_p99_s=2.0), 2.5)
     assert list(judged["worst5m_severity"]) == [0.5, 0.5, 4.5]
     assert report.timeline_seed(judged, rows.loc[0, "policy"]) == 2
-    judged["worst5m_severity"] = 0.0
+    # without 5-minute windows the rollout-window p99 decides: seed 0
+    rows["latency_p99_worst5m_s"] = math.nan
+    judged = report.assess(rows, Slo(latency_p99_s=2.0), 2.5)
+    assert list(judged["slo_window"]) == ["rollout"] * 3
     assert report.timeline_seed(judged, rows.loc[0, "policy"]) == 0
 
 
