@@ -161,16 +161,11 @@ class Router:
             self.ready,
             self.free,
         )
-        start, end, first, replica, version = (
-            self.start,
-            self.end,
-            self.first,
-            self.replica,
-            self.version,
-        )
-        services, maxo, timeout = self.services, self.max_ongoing, self.timeout_s
+        end, version = self.end, self.version
+        maxo, timeout = self.max_ongoing, self.timeout_s
         vdraw, pdraw = self._version_draw, self._pick_draw
-        heappush, heappop = heapq.heappush, heapq.heappop
+        serve = self._serve
+        heappop = heapq.heappop
         i = self.next_i
         t_arr = arr[i] if i < n else INF
         try:
@@ -201,19 +196,7 @@ class Router:
                         free[v] += 1
                         continue
                     rep.ongoing += 1
-                    svc = services[v]
-                    if svc.slowdown:
-                        factor = 1.0 + svc.slowdown * (rep.ongoing - 1)
-                        e = t + svc.base[k] * factor
-                        first[k] = e if svc.prefill is None else t + svc.prefill[k] * factor
-                    else:
-                        e = t + svc.base[k]
-                        first[k] = e if svc.prefill is None else t + svc.prefill[k]
-                    start[k] = t
-                    end[k] = e
-                    replica[k] = rep.id
-                    version[k] = v
-                    heappush(heap, (e, k, rep))
+                    serve(k, rep, t)
                     continue
                 # ---- an arrival
                 if t_arr > until or i >= n:
@@ -247,19 +230,7 @@ class Router:
                         rep = min(reps, key=_ONGOING)
                 free[v] -= 1
                 rep.ongoing += 1
-                svc = services[v]
-                if svc.slowdown:
-                    factor = 1.0 + svc.slowdown * (rep.ongoing - 1)
-                    e = t + svc.base[k] * factor
-                    first[k] = e if svc.prefill is None else t + svc.prefill[k] * factor
-                else:
-                    e = t + svc.base[k]
-                    first[k] = e if svc.prefill is None else t + svc.prefill[k]
-                start[k] = t
-                end[k] = e
-                replica[k] = rep.id
-                version[k] = v
-                heappush(heap, (e, k, rep))
+                serve(k, rep, t)
         finally:
             self.next_i = i
 
