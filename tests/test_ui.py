@@ -261,6 +261,9 @@ def test_a_status_becomes_a_sample_by_role_with_gpus_held() -> None:
     routed = {**STATUS, "router": {"versions": {"v2": {"window": window}}}}
     got = series.sample(routed, {})
     assert got["latency_p99"] == {"candidate": 0.8} and got["ttft_p99"] == {"candidate": 0.2}
+    begun = {**STATUS, "replicas": {"v1": {"target": 3}, "v2": {"target": 0}}}
+    assert series.sample(begun, {})["replicas"] == {}  # targets alone: nothing observed yet
+    assert "gpus" not in series.sample(begun, {})
     assert series.changed(s, {**s, "t": 2000.0}) is False
     assert series.changed(s, {**s, "weight": 0.5}) is True
 

@@ -39,19 +39,20 @@ def sample(status: Mapping[str, Any], gpus_per_replica: Mapping[str, float]) -> 
     gpus = 0.0
     for version, n in (status.get("replicas") or {}).items():
         role = role_of.get(version)
-        if role is None:
+        if role is None or "ready" not in n:  # before the first observation: targets only
             continue
         replicas[role] = {s: int(n.get(s, 0)) for s in STATES}
-        holding = n.get("ready", 0) + n.get("starting", 0) - n.get("pending_gpu", 0)
+        holding = n["ready"] + n.get("starting", 0) - n.get("pending_gpu", 0)
         gpus += (holding + n.get("draining", 0)) * gpus_per_replica.get(version, 1.0)
     out: dict[str, Any] = {
         "t": float(status.get("updated_at") or 0.0),
         "state": status.get("state"),
         "step": int(status.get("step", 0)),
         "weight": float(status.get("candidate_weight", 0.0)),
-        "gpus": gpus,
         "replicas": replicas,
     }
+    if replicas:
+        out["gpus"] = gpus
     router = (status.get("router") or {}).get("versions") or {}
     for key, field in (("latency_p99", "latency_p99_s"), ("ttft_p99", "ttfb_p99_s")):
         got = {

@@ -179,7 +179,8 @@ def find_runs(folders: list[Path], max_depth: int = 4) -> dict[str, Run]:
             if depth > max_depth or not all((folder / f).exists() for f in RUN_FILES):
                 continue
             key = hashlib.sha1(str(folder).encode()).hexdigest()[:12]
-            name = str(folder.relative_to(cwd)) if folder.is_relative_to(cwd) else str(folder)
+            base = cwd if folder.is_relative_to(cwd) else root.parent
+            name = str(folder.relative_to(base))
             runs[key] = Run(key, folder, name)
     return runs
 

@@ -186,7 +186,6 @@ function markOf(e) {
   if (k === "control_received") return { color: "#6b46c1", dash: [4, 3], label: controlName(e.control) };
   if (k === "control_applied") return { color: "#6b46c1", dash: [], label: `${controlName(e.control)} ✓` };
   if (k === "control_ignored") return { color: "#6b46c1", dash: [1, 3], label: `${controlName(e.control)} ✗` };
-  if (k === "transition" && e.phase === "paused") return { color: "#b98a00", dash: [], label: "paused" };
   if (k === "transition" && e.stage === "rollback") return { color: "#c93838", dash: [], label: "rollback" };
   if (k.includes("guard")) return { color: "#c93838", dash: [6, 3], label: k.replace(/_/g, " ") };
   if (k === "finished") return { color: e.outcome === "succeeded" ? "#2f8f4e" : "#c93838", dash: [], label: e.outcome };
@@ -219,10 +218,18 @@ function marksPlugin(getMarks) {
   };
 }
 
-// Rows for uPlot from samples: x = seconds since the rollout started.
+// Rows for uPlot from samples: x = seconds since the rollout started. A stepped series holds
+// its value until it changes, so it is carried forward between its first and last sample.
 function table(samples, t0, specs) {
   const xs = samples.map((s) => s.t - t0);
-  return [xs, ...specs.map((sp) => samples.map((s) => { const v = sp.get(s); return v === undefined ? null : v; }))];
+  return [xs, ...specs.map((sp) => {
+    const ys = samples.map((s) => { const v = sp.get(s); return v === undefined ? null : v; });
+    if (!sp.linear) {
+      const last = ys.findLastIndex((v) => v !== null);
+      for (let i = 1; i <= last; i++) if (ys[i] === null) ys[i] = ys[i - 1];
+    }
+    return ys;
+  })];
 }
 
 class Charts {
@@ -236,11 +243,13 @@ class Charts {
 
   size() { return { width: Math.max(320, this.root.clientWidth - 26), height: 200 }; }
 
-  // real: {samples, t0, names}; pred: same for the overlay, or null
-  draw(real, pred, events) {
-    const hasLatency = [real, pred].some((d) => d && d.samples.some((s) => s.latency_p99 || s.ttft_p99));
+  // real: {samples, t0, names}; pred: same for the overlay, or null; xRange: [lo, hi] or null
+  draw(real, pred, events, xRange) {
+    // latency is drawn where it was measured (a prediction alone has nothing to compare with)
+    const hasLatency = real.samples.some((s) => s.latency_p99 || s.ttft_p99);
     const specs = chartSpecs(real.names, hasLatency, !!pred);
-    const signature = JSON.stringify(specs.map((c) => c.series.map((s) => s.label)));
+    this.xRange = xRange;
+    const signature = JSON.stringify(specs.map((c) => [c.sub, c.series.map((s) => s.label)]));
     this.marks = events.map((e) => { const m = markOf(e); return m && { ...m, x: e.t - real.t0 }; }).filter(Boolean);
     const datas = specs.map((chart) => {
       const mine = chart.series.filter((s) => !s.pred), theirs = chart.series.filter((s) => s.pred);
@@ -255,8 +264,9 @@ class Charts {
       this.root.replaceChildren();
       this.plots = specs.map((chart, i) => this.make(chart, datas[i]));
     } else {
-      this.plots.forEach((p, i) => p.setData(datas[i]));
+      this.plots.forEach((p, i) => p.setData(datas[i], !p.zoomed));
     }
+    this.plots.forEach((p) => this.focus(p));
     ui.drawn += 1;
   }
 
@@ -272,7 +282,7 @@ class Charts {
       scales: { x: { time: false }, y: chart.range ? { range: chart.range } : { range: (u, lo, hi) => [0, Math.max(1, hi * 1.08)] } },
       axes: [
         { values: (u, vals) => vals.map(fmtRel), grid: { stroke: "#eef0f3" } },
-        { grid: { stroke: "#eef0f3" }, size: 46, values: chart.id === "weight" ? (u, vals) => vals.map((v) => `${Math.round(v * 100)}%`) : undefined },
+        { grid: { stroke: "#eef0f3" }, size: 52, values: chart.id === "weight" ? (u, vals) => vals.map((v) => `${Math.round(v * 100)}%`) : undefined },
       ],
       series: [
         { label: "t", value: (u, v) => (v === null ? "–" : fmtRel(v)) },
@@ -289,8 +299,16 @@ class Charts {
         })),
       ],
       plugins: [marksPlugin(() => this.marks)],
+      hooks: { setSelect: [(u) => { if (u.select.width > 0) u.zoomed = true; }] },
     };
-    return new uPlot(opts, data, box);
+    const plot = new uPlot(opts, data, box);
+    plot.over.addEventListener("dblclick", () => { plot.zoomed = false; this.focus(plot); });
+    return plot;
+  }
+
+  // Show xRange, unless the person dragged to zoom (a double click zooms back out).
+  focus(plot) {
+    if (this.xRange && !plot.zoomed) plot.setScale("x", { min: this.xRange[0], max: this.xRange[1] });
   }
 }
 
@@ -461,7 +479,12 @@ class RolloutView {
     const tail = now.t > 0 && (!last || now.t >= last.t) ? [now] : []; // extend lines to the last observation
     const real = { samples: [...this.samples, ...tail], t0: this.t0, names };
     const pred = this.overlay && { samples: this.overlay.samples, t0: this.overlay.t0 };
-    this.charts.draw(real, pred, this.events);
+    // focus on the rollout: a simulated run's hour of traffic around it stays out of view
+    const realEnd = real.samples.length ? real.samples[real.samples.length - 1].t - real.t0 : 0;
+    const predEnd = pred ? rolloutEnd(this.overlay) : 0;
+    const span = Math.max(10, realEnd, predEnd);
+    const xRange = pred ? [-0.06 * span, span * 1.03] : null;
+    this.charts.draw(real, pred, this.events, xRange);
 
     const body = $("#history tbody");
     if (!body.dataset.t0) body.dataset.t0 = this.t0;
@@ -504,6 +527,14 @@ function confirmForce() {
 
 // ---- one simulated run -----------------------------------------------------------------------
 
+// When a simulated run's rollout ended, in seconds after it started (drag on a chart to zoom).
+function rolloutEnd(run) {
+  const end = run.summary.rollout_end_s;
+  if (typeof end === "number" && isFinite(end)) return end - run.t0;
+  const finished = run.events.find((e) => e.kind === "finished");
+  return finished ? finished.t - run.t0 : 0;
+}
+
 async function runView(key) {
   const run = await getJSON(`/api/runs/${encodeURIComponent(key)}`);
   const s = run.summary;
@@ -525,7 +556,10 @@ async function runView(key) {
     el("div", { style: "height:18px" }),
     historySection("history"));
   const charts = new Charts($("#charts"));
-  charts.draw({ samples: run.samples, t0: run.t0, names: { current: "current", candidate: "candidate" } }, null, run.events);
+  const end = rolloutEnd(run), pad = 0.3 * Math.max(10, end);
+  const xRange = s.outcome && s.outcome !== "none" ? [-pad, end + pad] : null;
+  const names = { current: "current", candidate: "candidate" };
+  charts.draw({ samples: run.samples, t0: run.t0, names }, null, run.events, xRange);
   const body = $("#history tbody");
   for (const e of [...run.events].reverse()) body.append(historyRow(e, run.t0, false));
   $("#history-count").textContent = `${run.events.length} events, times since the rollout started`;
