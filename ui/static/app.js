@@ -199,7 +199,7 @@ function marksPlugin(getMarks) {
         const ctx = u.ctx, { left, top, width, height } = u.bbox, dpr = devicePixelRatio || 1;
         ctx.save();
         ctx.font = `${11 * dpr}px system-ui, sans-serif`;
-        let lastLabelX = -1e9, row = 0;
+        const rowEnds = [-1e9, -1e9, -1e9]; // labels go on the first row with room, else none
         for (const m of getMarks()) {
           const x = Math.round(u.valToPos(m.x, "x", true));
           if (x < left || x > left + width) continue;
@@ -207,8 +207,9 @@ function marksPlugin(getMarks) {
           ctx.lineWidth = 1 * dpr;
           ctx.setLineDash(m.dash.map((d) => d * dpr));
           ctx.beginPath(); ctx.moveTo(x, top); ctx.lineTo(x, top + height); ctx.stroke();
-          row = x - lastLabelX < 60 * dpr ? (row + 1) % 3 : 0; // stagger labels that collide
-          lastLabelX = x;
+          const row = rowEnds.findIndex((end) => x + 3 * dpr > end);
+          if (row < 0) continue;
+          rowEnds[row] = x + 3 * dpr + ctx.measureText(m.label).width + 6 * dpr;
           ctx.fillStyle = m.color;
           ctx.fillText(m.label, x + 3 * dpr, top + (12 + 12 * row) * dpr);
         }
