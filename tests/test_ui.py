@@ -17,43 +17,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
+from executor_fixtures import REPO, free_port
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from test_sim_cli import small_scenario
 
 from executor.metrics import RolloutMetrics
 from rollout.scenario import load_scenario
 from sim.api import simulate, write_outputs
 from ui import series
 
-REPO = Path(__file__).resolve().parent.parent
 TOKEN = "test-token-0123456789"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def simulated_run(folder: Path, name: str = "small", **changes: object) -> Path:
     """A real `rollout simulate` output folder from a small synthetic scenario."""
-    raw = {
-        "name": name,
-        "seed": 5,
-        "trace": {"synthetic": {"process": "poisson", "rate_per_s": 3.0, "duration_s": 400}},
-        "service": {"kind": "exponential", "mean_s": 1.0},
-        "fleet": {"replicas": 4, "gpu_capacity": 6, "max_ongoing_requests": 2},
-        "cold_start": {"kind": "deterministic", "seconds": 30},
-        "rollout": {"at_s": 100, "policy": {"max_surge_percent": 25}},
-        **changes,
-    }
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    write_outputs(simulate(load_scenario(path)), folder / name)
+    write_outputs(
+        simulate(load_scenario(small_scenario(folder, name=name, **changes))), folder / name
+    )
     return folder / name
 
 
