@@ -5,7 +5,7 @@ so a recovered rollout counts nothing twice) and serves its registry on
 `127.0.0.1:$ROLLOUT_METRICS_PORT` when that is set. `rollout ui` keeps its own `RolloutMetrics`
 fed from the store, so both expose the same names (documented in docs/ui.md).
 
-Router metrics arrive inside the status as `status["router"]` (see `ROUTER_SHAPE`): cumulative
+Router metrics arrive inside the status as `status["router"]` (shape below): cumulative
 per-version counts and histogram buckets, exported as they are reported.
 """
 
@@ -26,15 +26,13 @@ REPLICA_STATES = ("ready", "starting", "draining", "pending_gpu")
 ACTION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 LABELS = ("rollout", "app")
 
-# What the router reports per version, cumulative since it started (all keys optional):
-ROUTER_SHAPE = """
-status["router"] = {"window_s": 30, "versions": {"v2": {
-    "requests_total": 1520, "failures_total": 3,
-    "latency_seconds": {"buckets": [[0.1, 800], [0.5, 1400], ["+Inf", 1520]], "sum": 310.2},
-    "ttfb_seconds":    {"buckets": [[0.05, 900], ["+Inf", 1520]], "sum": 80.1},
-    "window": {"requests": 240, "failures": 0, "latency_p50_s": 0.12, "latency_p99_s": 0.8,
-               "ttfb_p50_s": 0.03, "ttfb_p99_s": 0.2}}}}
-"""
+# What the router reports per version, cumulative since it started (all keys optional);
+# `window` holds sliding-window figures that the dashboard draws:
+#   status["router"] = {"window_s": 30, "versions": {"v2": {
+#       "requests_total": 1520, "failures_total": 3,
+#       "latency_seconds": {"buckets": [[0.1, 800], [0.5, 1400], ["+Inf", 1520]], "sum": 310.2},
+#       "ttfb_seconds": {"buckets": [[0.05, 900], ["+Inf", 1520]], "sum": 80.1},
+#       "window": {"requests": 240, "failures": 0, "latency_p99_s": 0.8, "ttfb_p99_s": 0.2}}}}
 
 
 class RolloutMetrics:
