@@ -196,16 +196,24 @@ def test_the_page_and_its_charting_library_are_served_locally(server: Server) ->
     assert status == 200 and "uPlot" in js
 
 
-def test_a_port_in_use_is_one_line_and_exit_2(server: Server, tmp_path: Path) -> None:
+def rollout_ui(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, ROLLOUT_HOME=str(tmp_path), PYTHONPATH=str(REPO))
-    out = subprocess.run(
-        [sys.executable, "-m", "rollout.cli", "ui", "--port", str(server.port)],
+    return subprocess.run(
+        [sys.executable, "-m", "rollout.cli", "ui", *args],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
+
+
+def test_a_port_in_use_is_one_line_and_exit_2(server: Server, tmp_path: Path) -> None:
+    out = rollout_ui(tmp_path, "--port", str(server.port))
     assert out.returncode == 2
     assert out.stderr == (
         f"rollout: error: port {server.port} on 127.0.0.1 is in use; choose another with --port\n"
     )
+    out = rollout_ui(tmp_path, "--port", "70000")
+    assert out.returncode == 2
+    assert out.stderr.startswith("rollout: error: cannot listen on 127.0.0.1 port 70000: ")
+    assert out.stderr.count("\n") == 1
 
 
 # ---- pure pieces ----------------------------------------------------------------------------

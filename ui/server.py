@@ -14,6 +14,7 @@ Every route needs the token (see ui/auth.py) except `/metrics` while listening o
 
 from __future__ import annotations
 
+import errno
 import html
 import ipaddress
 import socket
@@ -243,10 +244,13 @@ def bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-    except OSError as e:
+    except (OSError, OverflowError) as e:
         sock.close()
-        why = "is in use" if e.errno == 98 else f"cannot be used ({e.strerror})"
-        raise InputError(f"port {port} on {host} {why}; choose another with --port") from None
+        if getattr(e, "errno", None) == errno.EADDRINUSE:
+            why = f"port {port} on {host} is in use; choose another with --port"
+            raise InputError(why) from None
+        why = getattr(e, "strerror", None) or str(e)
+        raise InputError(f"cannot listen on {host} port {port}: {why}") from None
     sock.listen(128)
     sock.set_inheritable(True)
     return sock
