@@ -209,9 +209,12 @@ function marksPlugin(getMarks) {
           ctx.beginPath(); ctx.moveTo(x, top); ctx.lineTo(x, top + height); ctx.stroke();
           const row = rowEnds.findIndex((end) => x + 3 * dpr > end);
           if (row < 0) continue;
-          rowEnds[row] = x + 3 * dpr + ctx.measureText(m.label).width + 6 * dpr;
+          const w = ctx.measureText(m.label).width, y = top + (12 + 12 * row) * dpr;
+          rowEnds[row] = x + 3 * dpr + w + 6 * dpr;
+          ctx.fillStyle = "rgba(255,255,255,.85)"; // keep the label legible over the lines
+          ctx.fillRect(x + 2 * dpr, y - 10 * dpr, w + 2 * dpr, 12 * dpr);
           ctx.fillStyle = m.color;
-          ctx.fillText(m.label, x + 3 * dpr, top + (12 + 12 * row) * dpr);
+          ctx.fillText(m.label, x + 3 * dpr, y);
         }
         ctx.restore();
       }],
