@@ -21,7 +21,6 @@ import sqlalchemy as sa
 from rollout import controller as c
 from rollout.errors import InputError
 
-TERMINAL = ("succeeded", "cancelled", "failed")
 RUN_FILES = ("summary.json", "timeline.parquet", "events.jsonl")
 
 
