@@ -26,7 +26,7 @@ from typing import Any, Literal
 from dbos import DBOS, SetWorkflowID
 from pydantic import BaseModel
 
-from executor import store
+from executor import metrics, store
 from executor.serve_backend import Memory, Plan, ServeBackend, remove_apps
 from executor.status import ACTIVE, CONTROL_TOPIC, STATUS_KEY
 from rollout import controller as c
@@ -85,6 +85,7 @@ def begin_step(plan_json: str) -> str:
         carry = Carry(kind="rollout", state=state.to_json(), memory=memory)
     carry.events = [e.model_dump(mode="json") for e in events]
     carry.status = _status(plan, carry, {}, now)
+    metrics.observe(carry.status, carry.events)
     return carry.model_dump_json()
 
 
@@ -101,6 +102,7 @@ def iterate_step(plan_json: str, carry_json: str, controls: list[dict[str, Any]]
     carry.memory = backend.mem
     carry.events = [e.model_dump(mode="json") for e in events]
     carry.status = _status(plan, carry, backend.counts, time.time())
+    metrics.observe(carry.status, carry.events)
     return carry.model_dump_json()
 
 
@@ -311,6 +313,7 @@ class ControllerProcess:
         self.lock = store.ExecutorLock(self.executor_id)
         DBOS(config=dbos_config(url, self.executor_id))  # type: ignore[arg-type]
         DBOS.launch()
+        metrics.serve_from_env()
 
     def start(self, plan: Plan) -> None:
         with SetWorkflowID(plan.id):

@@ -169,6 +169,30 @@ def down(
     down_command(deploy_file)
 
 
+@app.command()
+@friendly
+def ui(
+    runs: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            metavar="[RUN_DIR]...",
+            help="Folders with simulated runs to list (out/ and reports/ are always searched).",
+        ),
+    ] = None,
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (beyond loopback: put it behind TLS).")
+    ] = "127.0.0.1",
+) -> None:
+    """Serve the live dashboard and /metrics; prints the URL to open (it carries a token)."""
+    import os
+
+    from ui.auth import TOKEN_ENV, new_token
+    from ui.server import serve
+
+    serve(host, port, runs or [], os.environ.get(TOKEN_ENV) or new_token())
+
+
 def main() -> None:
     app(prog_name="rollout")
 
