@@ -66,9 +66,10 @@ class AutoscalingConfig(BaseModel):
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingConfig:
         if self.min_replicas > self.max_replicas:
+            unset = "" if "max_replicas" in self.model_fields_set else ", Serve's default"
             raise ValueError(
                 f"min_replicas ({self.min_replicas}) must not exceed max_replicas "
-                f"({self.max_replicas})"
+                f"({self.max_replicas}{unset})"
             )
         n = self.initial_replicas
         if n is not None and not self.min_replicas <= n <= self.max_replicas:

@@ -452,8 +452,12 @@ def test_a_decision_lands_on_its_tick() -> None:
 
 
 def test_min_above_max_and_initial_outside_are_rejected() -> None:
-    with pytest.raises(ValidationError, match="min_replicas"):
+    with pytest.raises(
+        ValidationError, match=r"min_replicas \(5\) must not exceed max_replicas \(2\)"
+    ):
         cfg(min_replicas=5, max_replicas=2)
+    with pytest.raises(ValidationError, match=r"max_replicas \(1, Serve's default\)"):
+        AutoscalingConfig(min_replicas=2)
     with pytest.raises(ValidationError, match="initial_replicas"):
         cfg(min_replicas=2, max_replicas=4, initial_replicas=5)
     with pytest.raises(ValidationError, match="policy"):
@@ -498,6 +502,24 @@ def test_the_block_is_serves_autoscaling_config() -> None:
     # and the defaults are Serve's
     defaults = AutoscalingConfig().to_serve()
     assert all(getattr(ServeConfig(), k) == v for k, v in defaults.items())
+
+
+def test_scenario_and_deploy_files_take_the_whole_block() -> None:
+    from executor.deploy_file import DeploySpec
+    from rollout.scenario import Scenario
+
+    spec = {"name": "chat", "version": "v1", "replicas": 2, "autoscaling": FULL,
+            "model": {"import_path": "examples.llm.app:build"}}  # fmt: skip
+    deployed = DeploySpec.model_validate(spec).autoscaling
+    assert deployed is not None and deployed.to_serve() == FULL
+    scenario = {
+        "name": "s",
+        "trace": {"synthetic": {"process": "poisson", "rate_per_s": 1.0, "duration_s": 10}},
+        "fleet": {"replicas": 2, "gpu_capacity": 8},
+        "autoscaling": FULL,
+    }
+    simulated = Scenario.model_validate(scenario).autoscaling
+    assert simulated is not None and simulated.to_serve() == FULL
 
 
 def test_state_round_trips_and_decides_on_as_if_never_stopped() -> None:
