@@ -6,10 +6,10 @@ Three parts, each pure (see docs/autoscaling.md):
   deploy file's `autoscaling` block is Serve's `autoscaling_config` (`to_serve()`), plus
   `interval_s`, how often our backends decide.
 - The metrics pipeline (`Autoscaler.total`): Serve does not decide on the load of this instant.
-  Handles record the ongoing requests every `record_interval_s` and push what they recorded in
+  Handles record the ongoing requests every `record_interval` and push what they recorded in
   the last `look_back_period_s` every `metrics_interval_s`; the controller averages the last
-  push over time, holding its last value until now. So a load step is seen 0–`metrics_interval_s`
-  late, and a spike between two pushes may be averaged away.
+  push over time, holding its last value until now. So a load step is seen up to
+  `metrics_interval_s` late, and a spike between two records is never seen.
 - The decision (`decide`): Serve's default policy wrapped by `_apply_autoscaling_config`
   (cold-start fast path, hold while no replica runs, `upscaling_factor`/`downscaling_factor`,
   wall-clock delays with `downscale_to_zero_delay_s`) and then clamped to
@@ -31,7 +31,6 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Serve's constants (ray/serve/_private/constants.py, ray/serve/autoscaling_policy.py, 2.60.0)
-CONTROL_LOOP_INTERVAL_S = 0.1  # Serve decides ten times a second
 RECORD_INTERVAL_FACTOR = Fraction(1, 5)  # RAY_SERVE_AUTOSCALING_METRIC_RECORD_INTERVAL_FACTOR
 DELAY_EPS_S = 1e-6  # _DELAY_ELAPSED_EPS_S: 400 s may elapse as 399.9999999999999 in floats
 _MIN_LAST_WINDOW_S = 1e-3  # the controller holds a sample at `now` for 1 ms, never 0 s
@@ -133,7 +132,7 @@ class Ticks:
         return k * self.step.numerator / self.step.denominator
 
     def index_at_or_before(self, t: float) -> int:
-        """The last k with at(k) ≤ t (−1 before tick 0)."""
+        """The last k with at(k) ≤ t (negative before tick 0)."""
         num, den = t.as_integer_ratio()
         k = (num * self.step.denominator) // (den * self.step.numerator)
         while self.at(k) > t:
