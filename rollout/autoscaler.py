@@ -233,6 +233,40 @@ def decide(
 # ---- the autoscaler: samples in, desired replicas out ----------------------------------------
 
 
+def _time(sample: tuple[float, float]) -> float:
+    return sample[0]
+
+
+@dataclass(frozen=True)
+class _Window:
+    """The records one push carries: (instant, ongoing requests), oldest first, and the area
+    under them up to the last one (what the mean needs again at every decision until the next
+    push)."""
+
+    at: float
+    points: list[tuple[float, float]]
+    area: float
+
+    @classmethod
+    def of(cls, at: float, points: list[tuple[float, float]]) -> _Window:
+        area = sum(v * (t1 - t0) for (t0, v), (t1, _) in itertools.pairwise(points))
+        return cls(at, points, area)
+
+    def seen(self, now: float, how: Aggregation) -> float:
+        """Serve's aggregate at `now`; for the mean, `time_weighted_average` from the first
+        record to `now`, the last record's value held (for 1 ms when it is from `now`)."""
+        points = self.points
+        if not points:
+            return 0.0
+        if how is Aggregation.MAX:
+            return max(v for _, v in points)
+        if how is Aggregation.MIN:
+            return min(v for _, v in points)
+        last, value = points[-1]
+        end = last + (now - last if now > last else _MIN_LAST_WINDOW_S)
+        return (self.area + value * (end - last)) / (end - points[0][0])
+
+
 class AutoscalerState(BaseModel):
     """What an `Autoscaler` carries from one decision to the next, as recorded (JSON).
 
@@ -266,6 +300,7 @@ class Autoscaler:
     _decisions: Ticks = field(init=False, repr=False, compare=False)
     _records: Ticks = field(init=False, repr=False, compare=False)
     _pushes: Ticks = field(init=False, repr=False, compare=False)
+    _pushed: _Window | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._samples = [(float(t), float(v)) for t, v in self._samples]
@@ -314,38 +349,37 @@ class Autoscaler:
         handles push with every request (Serve's scale-from-zero shortcut): the push is now.
         No sample pushed yet reads as 0, as in Serve.
         """
-        samples = self._samples
-        if not samples:
+        if not self._samples:
             return 0.0
-        c = self.config
-        pushed = now if running == 0 and samples[-1][1] > 0 else self._pushes.at_or_before(now)
-        k = self._records.index_at_or_before(pushed - c.look_back_period_s)
-        if self._records.at(k) < pushed - c.look_back_period_s:
+        if running == 0 and self._samples[-1][1] > 0:
+            window = self._window(now)
+        else:
+            pushed = self._pushes.at_or_before(now)
+            if self._pushed is None or self._pushed.at != pushed:
+                self._pushed = self._window(pushed)
+            window = self._pushed
+        return window.seen(now, self.config.aggregation_function)
+
+    def _window(self, pushed: float) -> _Window:
+        """The records a push at `pushed` carries."""
+        samples, records = self._samples, self._records
+        lo = pushed - self.config.look_back_period_s
+        k = records.index_at_or_before(lo)
+        if records.at(k) < lo:
             k += 1
         points: list[tuple[float, float]] = []
-        while (s := self._records.at(k)) <= pushed:
-            i = bisect.bisect_right(samples, s, key=lambda x: x[0]) - 1
+        while (s := records.at(k)) <= pushed:
+            i = bisect.bisect_right(samples, s, key=_time) - 1
             if i >= 0:
                 points.append((s, samples[i][1]))
             k += 1
-        if not points:
-            return 0.0
-        if c.aggregation_function is Aggregation.MAX:
-            return max(v for _, v in points)
-        if c.aggregation_function is Aggregation.MIN:
-            return min(v for _, v in points)
-        # Serve's time_weighted_average: from the first point to the last point held until now
-        last_window = now - points[-1][0]
-        end = points[-1][0] + (last_window if last_window > 0 else _MIN_LAST_WINDOW_S)
-        area = sum(v * (t1 - t0) for (t0, v), (t1, _) in itertools.pairwise(points))
-        area += points[-1][1] * (end - points[-1][0])
-        return area / (end - points[0][0])
+        return _Window.of(pushed, points)
 
     def _prune(self, now: float) -> None:
         """Keep the samples a record of a push still to come may read: those after the
         earliest record instant of the current push's window, and the one before it."""
         horizon = self._pushes.at_or_before(now) - self.config.look_back_period_s
-        i = bisect.bisect_right(self._samples, horizon, key=lambda x: x[0]) - 1
+        i = bisect.bisect_right(self._samples, horizon, key=_time) - 1
         if i > 0:
             del self._samples[:i]
 
@@ -354,7 +388,9 @@ class Autoscaler:
     def observe(self, now: float, total_ongoing: float, running: int | None = None) -> int:
         """Record a sample of the pool's ongoing requests at `now`, decide, return the desired
         replica count. `running`: the pool's replicas serving now (None: assume the target)."""
-        bisect.insort(self._samples, (float(now), float(total_ongoing)), key=lambda x: x[0])
+        if self._pushed is not None and now <= self._pushed.at:
+            self._pushed = None  # a sample at or before that push may change its records
+        bisect.insort(self._samples, (float(now), float(total_ongoing)), key=_time)
         self._prune(now)
         run = self.desired if running is None else running
         self.desired, self._above_since, self._below_since = decide(

@@ -8,6 +8,8 @@ class and test; the property test runs Serve's policy function itself beside our
 from __future__ import annotations
 
 import json
+import math
+from fractions import Fraction
 from typing import Any
 from unittest.mock import patch
 
@@ -390,21 +392,39 @@ def test_aggregation_max_and_min_read_the_pushed_samples() -> None:
         assert a.total(110.0, 1) == want
 
 
-def test_the_mean_is_serves_time_weighted_average() -> None:
-    """Serve: `time_weighted_average` (metrics_utils) over the pushed points, the last held
-    until now, is what `total` returns."""
+@pytest.mark.parametrize("look_back", [10.0, 9.0])
+def test_the_mean_is_serves_time_weighted_average(look_back: float) -> None:
+    """Serve: `time_weighted_average` (metrics_utils) over the points the push of 110 s carries
+    (records every 0.2 · look-back s, from 110 − look-back on), the last held until now."""
     from ray.serve._private.common import TimeStampedValue
     from ray.serve._private.metrics_utils import time_weighted_average
 
-    a = Autoscaler(cfg(look_back_period_s=10), 1)
-    loads = [3.0, 0.0, 7.5, 1.0, 4.0, 9.0, 2.0, 6.0, 5.0, 0.5, 8.0, 1.5]
-    for i, v in enumerate(loads):
-        a.observe(100.0 + i, v)
-    points = [TimeStampedValue(t, loads[int(t) - 100]) for t in (100.0, 102, 104, 106, 108, 110)]
+    c = cfg(look_back_period_s=look_back)
+    load = {t: float((t * 37) % 11) for t in range(90, 112)}
+    a = Autoscaler(c, 1)
+    for t, v in load.items():
+        a.observe(float(t), v)
+    unpruned = Autoscaler.from_dict(c, {"desired": 1, "samples": list(load.items())})
+    step = Fraction(look_back).limit_denominator() / 5  # 2 s, or 1.8 s: 102.6, 104.4, …, 109.8
+    instants = [k * step for k in range(200) if 110 - look_back <= k * step <= 110]
+    points = [TimeStampedValue(float(s), load[math.floor(s)]) for s in instants]
     for now in (110.0, 111.0, 113.5):
-        assert a.total(now, 1) == pytest.approx(
-            time_weighted_average(points, last_window_s=max(now - 110, 1e-3)), rel=1e-12
-        )
+        last = points[-1].timestamp
+        want = time_weighted_average(points, last_window_s=now - last if now > last else 1e-3)
+        assert a.total(now, 1) == pytest.approx(want, rel=1e-12)
+        assert unpruned.total(now, 1) == a.total(now, 1)
+
+
+def test_a_second_sample_at_a_push_instant_is_the_one_pushed() -> None:
+    """Two samples at the push instant (a step observed twice): the record reads the later,
+    as an autoscaler rebuilt from the state does."""
+    a = Autoscaler(cfg(look_back_period_s=10), 1)
+    for t in range(90, 111):
+        a.observe(float(t), 2.0)
+    before = a.total(110.0, 1)
+    a.observe(110.0, 50.0)
+    rebuilt = Autoscaler.from_dict(a.config, a.to_dict())
+    assert a.total(110.5, 1) == rebuilt.total(110.5, 1) > before
 
 
 def test_samples_stay_bounded() -> None:
