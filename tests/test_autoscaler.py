@@ -532,14 +532,18 @@ def test_scenario_and_deploy_files_take_the_whole_block() -> None:
             "model": {"import_path": "examples.llm.app:build"}}  # fmt: skip
     deployed = DeploySpec.model_validate(spec).autoscaling
     assert deployed is not None and deployed.to_serve() == FULL
+    block = FULL | {"min_replicas": 1}
     scenario = {
         "name": "s",
         "trace": {"synthetic": {"process": "poisson", "rate_per_s": 1.0, "duration_s": 10}},
         "fleet": {"replicas": 2, "gpu_capacity": 8},
-        "autoscaling": FULL,
+        "autoscaling": block,
     }
     simulated = Scenario.model_validate(scenario).autoscaling
-    assert simulated is not None and simulated.to_serve() == FULL
+    assert simulated is not None and simulated.to_serve() == block
+    # a simulated rollout cannot start from an empty pool yet: one clear line, not a crash
+    with pytest.raises(ValidationError, match=r"min_replicas 0 .* is not simulated yet"):
+        Scenario.model_validate(scenario | {"autoscaling": FULL})
 
 
 def test_state_round_trips_and_decides_on_as_if_never_stopped() -> None:
