@@ -47,6 +47,7 @@ def _settle(st: store.Store, db: object, rec: store.Record) -> str | None:
 
 def deploy_command(path: Path, detach: bool = False) -> None:
     spec = load_deploy_file(path)
+    cluster.address_for(spec, start=False)  # the cluster's token, for a resumed controller
     st = _store_for(spec)
     db = status.client(st.url)
     for rec in st.active(spec.name):
@@ -148,6 +149,7 @@ def _resume(st: store.Store, rec: store.Record, detach: bool) -> None:
 
 def recover_command(path: Path) -> None:
     spec = load_deploy_file(path)
+    cluster.address_for(spec, start=False)  # the cluster's token
     st = _store_for(spec)
     db = status.client(st.url)
     pending = [r for r in st.active(spec.name) if _settle(st, db, r) in (*status.ACTIVE, None)]

@@ -66,6 +66,13 @@ class ClusterSpec(_Strict):
     address: str | None = None  # null: a local cluster that rollout starts and `down` stops
     num_gpus: int | None = Field(None, ge=0, le=4096)  # local cluster: logical GPUs
     num_cpus: int | None = Field(None, ge=1, le=4096)  # local cluster: logical CPUs
+    token_file: str | None = None  # given address: the file holding the cluster's Ray token
+
+    @model_validator(mode="after")
+    def _token_for_address(self) -> ClusterSpec:
+        if self.token_file and self.address is None:
+            raise ValueError("token_file is for a cluster given by address, not a local one")
+        return self
 
 
 class HttpSpec(_Strict):

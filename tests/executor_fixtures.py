@@ -33,6 +33,8 @@ class RayCluster:
     port: int
     address: str
     tmp: Path
+    pid: int  # `ray start`, the root of every process of the cluster
+    agent_port: int  # the dashboard agent's HTTP server
 
     def env(self) -> dict[str, str]:
         return dict(
@@ -131,12 +133,16 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
     """A local cluster with logical GPUs started the way `rollout deploy` starts it."""
     import ray
     from ray import serve
+    from ray._private import ray_constants
 
-    from executor import cluster
+    from executor import auth, cluster
 
     tmp = tmp_path_factory.mktemp("executor")
     home = tmp / "home"
-    saved = {k: os.environ.get(k) for k in ("ROLLOUT_HOME", "ROLLOUT_TICK_S")}
+    # starting and joining the cluster sets Ray's authentication variables in this process
+    keys = ("ROLLOUT_HOME", "ROLLOUT_TICK_S", auth.MODE, auth.TOKEN, auth.TOKEN_PATH)
+    saved = {k: os.environ.get(k) for k in (*keys, cluster.SINGLE_NODE)}
+    multi_node = ray_constants.ENABLE_RAY_CLUSTER
     os.environ["ROLLOUT_HOME"] = str(home)
     os.environ["ROLLOUT_TICK_S"] = "0.25"
     cwd = os.getcwd()
@@ -149,7 +155,8 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
     try:
         cluster.connect(info.address)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield RayCluster(home, port, info.address, tmp)
+        assert info.agent_port is not None
+        yield RayCluster(home, port, info.address, tmp, info.pid, info.agent_port)
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -159,6 +166,8 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        auth.reload()
+        ray_constants.ENABLE_RAY_CLUSTER = multi_node
 
 
 # ---- looking at the cluster ------------------------------------------------------------------
