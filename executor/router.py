@@ -33,9 +33,9 @@ import time
 from typing import Any
 
 from ray import serve
+from ray.serve import context as serve_context
 from ray.serve._private.common import DeploymentHandleSource, StreamingHTTPRequest
 from ray.serve._private.utils import generate_request_id
-from ray.serve import context as serve_context
 
 from executor.router_metrics import Window
 from executor.routing import Route, RouteTable

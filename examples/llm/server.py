@@ -245,6 +245,7 @@ class LLMServer:
     async def _texts(
         self, prompt: list[int], max_tokens: int, body: _Request
     ) -> AsyncIterator[str]:
+        temperature = 1.0 if body.temperature is None else body.temperature  # OpenAI's default
         async for token in self.engine.generate(prompt, max_tokens, temperature):
             yield self.tokenizer.decode(token)
 
