@@ -144,12 +144,9 @@ def main() -> int:
         f"{s['failed']} failed; the load generator used {cpu:.1f} CPU-s "
         f"({cpu / wall:.2f} of one core) on a {os.cpu_count()}-core machine"
     )
-    print(
-        f"rate sent        {rate:8.1f} req/s   target ≥ {TARGET_RATE:g}   ratio {rate / TARGET_RATE:.2f}"
-    )
-    print(
-        f"streams at once  {peak:8d}         target ≥ {TARGET_STREAMS}   ratio {peak / TARGET_STREAMS:.2f}"
-    )
+    r1, r2 = rate / TARGET_RATE, peak / TARGET_STREAMS
+    print(f"rate sent        {rate:8.1f} req/s   target ≥ {TARGET_RATE:g}   ratio {r1:.2f}")
+    print(f"streams at once  {peak:8d}         target ≥ {TARGET_STREAMS}   ratio {r2:.2f}")
     print(
         f"send lag p99     {lag * 1000:8.2f} ms      target ≤ {TARGET_LAG_S * 1000:g} ms   "
         f"ratio {lag / TARGET_LAG_S:.2f} (p50 {s['send_lag_p50_s'] * 1000:.2f} ms, "
