@@ -25,6 +25,8 @@ from typing import Any
 
 from examples.llm.engine import Sequence
 
+ROOT = Path(__file__).resolve().parents[2]  # relative weight paths start here
+
 
 @dataclass(frozen=True)
 class ProfileConfig:
@@ -67,7 +69,8 @@ class ProfileBackend:
 
 @dataclass(frozen=True)
 class TorchConfig:
-    weights: str = ".rollout/llm/weights.pt"  # written on first use, then loaded
+    weights: str = ".rollout/llm/weights.pt"  # written on first use, then loaded (relative
+    # paths from the repository root)
     vocab_size: int = 8192
     d_model: int = 512
     layers: int = 4
@@ -98,6 +101,8 @@ class TorchBackend:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
         path = Path(config.weights)
+        if not path.is_absolute():  # replicas do not always start in the folder of the deploy
+            path = ROOT / path
         ensure_weights(path, config, seed)
         started = time.perf_counter()
         saved = torch.load(path, map_location=self.device, weights_only=True)
