@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import pickle
 import random
 import time
@@ -40,6 +41,7 @@ from ray.serve._private.utils import generate_request_id
 from executor.router_metrics import Window
 from executor.routing import Route, RouteTable
 
+logger = logging.getLogger("ray.serve")
 DEPLOYMENT = "Router"
 VERSION_HEADER = b"x-rollout-version"
 WINDOW_S = 60.0  # the default metrics window the executor reads
@@ -83,6 +85,16 @@ async def _answer(send: Any, status: int, payload: dict[str, Any], version: str 
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+class _Asgi:
+    """The router as an ASGI 3 app (uvicorn's lifespan runner takes a bound method for ASGI 2)."""
+
+    def __init__(self, router: Any) -> None:
+        self.router = router
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await self.router._asgi(scope, receive, send)
+
+
 @serve.deployment(
     name=DEPLOYMENT,
     ray_actor_options={"num_cpus": 0.05},
@@ -98,7 +110,7 @@ class Router:
         self.window_s = WINDOW_S
 
     def __serve_build_asgi_app__(self) -> Any:
-        return self._asgi
+        return _Asgi(self)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """`{"stamp": n, "routes": [{"version", "app", "deployment", "weight"}, ...]}`."""
@@ -146,12 +158,19 @@ class Router:
                 return
             ctx = serve_context._serve_request_context.get()
             serve_context._serve_request_context.set(
-                dataclasses.replace(ctx, _internal_request_id=generate_request_id())
+                dataclasses.replace(
+                    ctx, _internal_request_id=generate_request_id(), is_http_request=True
+                )
             )
             request = pickle.dumps(
                 StreamingHTTPRequest(scope, receive_asgi_messages=BufferedBody(body))
             )
-            response = self.handles[route.app].remote(request)
+            handle = self.handles[route.app]
+            if ctx.multiplexed_model_id or ctx.session_id:  # as Serve's proxy passes them on
+                handle = handle.options(
+                    multiplexed_model_id=ctx.multiplexed_model_id, session_id=ctx.session_id
+                )
+            response = handle.remote(request)
             version = route.version.encode()
             async for batch in response:
                 for msg in pickle.loads(batch):
@@ -177,7 +196,9 @@ class Router:
         except Exception as e:
             if status is not None:
                 raise  # mid-answer: the client sees the stream break, as without the router
-            why = f"version {route.version} failed: {type(e).__name__}"
+            logger.warning("version %s failed before answering", route.version, exc_info=True)
+            last = next((x for x in reversed(str(e).splitlines()) if x.strip()), "")
+            why = f"version {route.version} failed: {type(e).__name__}: {last.strip()}"[:500]
             await _answer(send, 500, {"error": why}, route.version)
         finally:
             if response is not None and not complete:
