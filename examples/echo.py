@@ -7,9 +7,10 @@ Its builder takes `version` (echoed in answers and in an `x-app-version` header)
 `chunk_delay_s` (the pause between stream events).
 
     serve run examples.echo:app version=v1    # or through a deploy file: examples.echo:app
-"""
 
-from __future__ import annotations
+(No `from __future__ import annotations` here: FastAPI must see `Request` as a class in the
+handlers' signatures, not as a string.)
+"""
 
 import asyncio
 import json

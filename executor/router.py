@@ -112,7 +112,7 @@ class Router:
     def __serve_build_asgi_app__(self) -> Any:
         return _Asgi(self)
 
-    def reconfigure(self, config: dict[str, Any]) -> None:
+    async def reconfigure(self, config: dict[str, Any]) -> None:
         """`{"stamp": n, "routes": [{"version", "app", "deployment", "weight"}, ...]}`."""
         table = RouteTable.from_config(config)
         for r in table.routes:
@@ -121,9 +121,10 @@ class Router:
                 handle._init(_source=DeploymentHandleSource.PROXY)
                 self.handles[r.app] = handle.options(stream=True)
         self.window_s = float(config.get("window_s", WINDOW_S))
+        self.reserve = bool(config.get("reserve", True))  # EXPERIMENT
         self.table = table
 
-    def record_routing_stats(self) -> dict[str, Any]:
+    async def record_routing_stats(self) -> dict[str, Any]:
         """What the executor reads from each router replica: the applied config stamp, the
         weights, and the traffic per version (ongoing now, and over the metrics window)."""
         snap = self.window.snapshot(time.time(), self.window_s)
@@ -170,7 +171,7 @@ class Router:
                 handle = handle.options(
                     multiplexed_model_id=ctx.multiplexed_model_id, session_id=ctx.session_id
                 )
-            response = handle.remote(request)
+            response = handle.remote(request) if self.reserve else handle.remote(request, _reserve=False)
             version = route.version.encode()
             async for batch in response:
                 for msg in pickle.loads(batch):

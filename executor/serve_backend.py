@@ -44,6 +44,12 @@ from rollout.autoscaler import Autoscaler
 
 ROLES = (c.CURRENT, c.CANDIDATE)
 ROUTER_IMPORT = "executor.router:app"
+# The router is all non-blocking asyncio: its replicas run its code and its handles' routing on
+# the replica's own event loop (Serve's throughput settings), saving two thread hops a message.
+ROUTER_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+}
 ACK_TIMEOUT_S = 20.0
 ACK_POLL_S = 0.005  # how often the router replicas are asked whether they took a new config
 PROBE_BUDGET_S = 2.0
@@ -511,12 +517,14 @@ class ServeBackend:
             "route_prefix": spec.http.route_prefix,
             "import_path": ROUTER_IMPORT,
             "args": {},
+            "runtime_env": {"env_vars": dict(ROUTER_ENV)},
             "deployments": [
                 {
                     "name": ROUTER_DEPLOYMENT,
                     "num_replicas": spec.router.replicas,
                     # reconfigure every replica at once (Serve's default is 20 % at a time)
                     "rolling_update_percentage": 1.0,
+                    "logging_config": {"enable_access_log": False},  # the versions log them
                     "user_config": {},
                 }
             ],
