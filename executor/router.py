@@ -121,7 +121,6 @@ class Router:
                 handle._init(_source=DeploymentHandleSource.PROXY)
                 self.handles[r.app] = handle.options(stream=True)
         self.window_s = float(config.get("window_s", WINDOW_S))
-        self.reserve = bool(config.get("reserve", True))  # EXPERIMENT
         self.table = table
 
     async def record_routing_stats(self) -> dict[str, Any]:
@@ -171,7 +170,7 @@ class Router:
                 handle = handle.options(
                     multiplexed_model_id=ctx.multiplexed_model_id, session_id=ctx.session_id
                 )
-            response = handle.remote(request) if self.reserve else handle.remote(request, _reserve=False)
+            response = handle.remote(request)
             version = route.version.encode()
             async for batch in response:
                 for msg in pickle.loads(batch):

@@ -13,9 +13,10 @@ use OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`), 400 for 
 Each replica runs one `Engine` (examples/llm/engine.py) with the `torch` or the `profile`
 backend (`auto`: torch where it sees a GPU, else profile). A version's arguments set its load
 time, warm-up and seed (its weights), so two versions answer measurably differently.
-"""
 
-from __future__ import annotations
+(No `from __future__ import annotations` here: FastAPI must see the request models as classes
+in the handlers' signatures, not as strings.)
+"""
 
 import asyncio
 import json
