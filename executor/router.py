@@ -63,6 +63,14 @@ class BufferedBody:
         raise AssertionError("unreachable")
 
 
+def _has_body(scope: dict[str, Any]) -> bool:
+    """HTTP/1.1: a request has a body only with Content-Length > 0 or Transfer-Encoding."""
+    for k, v in scope.get("headers", []):
+        if k == b"transfer-encoding" or (k == b"content-length" and v.strip() not in (b"", b"0")):
+            return True
+    return False
+
+
 async def _read_body(receive: Any) -> bytes | None:
     """The request body, or None when the client disconnected first."""
     chunks = []
@@ -152,7 +160,7 @@ class Router:
         complete = cancelled = False
         response = None
         try:
-            body = await _read_body(receive)
+            body = await _read_body(receive) if _has_body(scope) else b""
             if body is None:
                 cancelled = True
                 return

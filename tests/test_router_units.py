@@ -136,3 +136,55 @@ class TestWindow:
         assert v1.failures == v1.status.get("5xx", 0) + v1.status.get("error", 0)
         assert sum(v1.status.values()) == v1.requests
         assert 0 < v1.failure_rate < 1
+
+
+class TestForwarding:
+    """The router's request plumbing that needs no cluster."""
+
+    @pytest.mark.parametrize(
+        "headers,has",
+        [
+            ([], False),
+            ([(b"content-length", b"0")], False),
+            ([(b"content-length", b"12")], True),
+            ([(b"transfer-encoding", b"chunked")], True),
+            ([(b"x-other", b"1")], False),
+        ],
+    )
+    def test_which_requests_carry_a_body(self, headers: list, has: bool) -> None:
+        from executor.router import _has_body
+
+        assert _has_body({"headers": headers}) is has
+
+    def test_the_body_reaches_the_version_once_then_receive_waits(self) -> None:
+        import asyncio
+        import pickle
+
+        from executor.router import BufferedBody
+
+        async def main() -> list:
+            body = pickle.loads(pickle.dumps(BufferedBody(b"\x00abc")))  # as a replica gets it
+            first = pickle.loads(await body(None))
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(body(None), 0.05)
+            return first
+
+        assert asyncio.run(main()) == [{"type": "http.request", "body": b"\x00abc",
+                                        "more_body": False}]  # fmt: skip
+
+    def test_the_version_header_and_answers_of_its_own(self) -> None:
+        import asyncio
+        import json
+
+        from executor.router import VERSION_HEADER, _answer
+
+        sent: list = []
+
+        async def send(msg: dict) -> None:
+            sent.append(msg)
+
+        asyncio.run(_answer(send, 503, {"error": "no version is ready to serve"}))
+        asyncio.run(_answer(send, 500, {"error": "x"}, "v2"))
+        assert sent[0]["status"] == 503 and VERSION_HEADER not in dict(sent[0]["headers"])
+        assert json.loads(sent[1]["body"]) == {"error": "no version is ready to serve"}
+        assert dict(sent[2]["headers"])[VERSION_HEADER] == b"v2"
