@@ -93,7 +93,7 @@ def main() -> int:
         spec = {
             "name": "routed", "version": "v1",
             "model": {"import_path": "examples.echo:app", "args": args,
-                      "ray_actor_options": {"num_cpus": 0.1}},
+                      "ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 1000},
             "replicas": 1, "cluster": {"num_gpus": 2},
             "http": {"port": port, "route_prefix": "/routed"},
         }  # fmt: skip
