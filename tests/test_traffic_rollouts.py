@@ -465,12 +465,12 @@ def test_llm_speaks_openai(ray_cluster: RayCluster, llm: Path) -> None:
 
 def test_llm_rollout_under_trace_replay(ray_cluster: RayCluster, llm: Path) -> None:
     """`rollout load` replays 90 s of the Azure code trace (from minute 4, about 320 requests)
-    3× sped up while v1 → v2 rolls."""
+    2× sped up while v1 → v2 rolls."""
     c = ray_cluster
     out = llm / "replay"
     trace = REPO / "data" / "traces" / "azure_llm_2023_code.csv"
     replay = c.popen("load", str(trace), "--url", f"http://127.0.0.1:{c.port}/{LLM}",
-                     "--time-scale", "3", "--start-s", "240", "--duration-s", "90",
+                     "--time-scale", "2", "--start-s", "240", "--duration-s", "90",
                      "--out", str(out))  # fmt: skip
     time.sleep(4)
     done = c.cli("deploy", str(llm_file(c, llm, "v2")))

@@ -32,9 +32,9 @@ ROOT = Path(__file__).resolve().parents[2]  # relative weight paths start here
 class ProfileConfig:
     vocab_size: int = 32000
     max_model_len: int = 16384
-    base_s: float = 0.015  # one iteration with a batch of one decode
-    per_seq_s: float = 0.0004  # each further sequence in the batch
-    prefill_s_per_token: float = 0.00008  # each prompt token prefilled
+    base_s: float = 0.02  # one iteration with a batch of one decode
+    per_seq_s: float = 0.0003  # each further sequence in the batch
+    prefill_s_per_token: float = 0.00003  # each prompt token prefilled
 
 
 class ProfileBackend:
