@@ -24,7 +24,6 @@ _ACTORS: dict[str, Any] = {}  # actor name → handle (a lookup costs a GCS roun
 class RouterView:
     """What the running router replicas of one model reported, together."""
 
-    replicas: int  # running replicas listed by Serve
     stamps: list[int]  # the config stamp each answering replica has applied
     snapshot: dict[str, Any] = field(default_factory=dict)  # merged metrics window
 
@@ -69,7 +68,6 @@ def read_router(actor_names: list[str], timeout_s: float = CALL_TIMEOUT_S) -> Ro
         except Exception:  # died meanwhile; a replacement will be listed
             _ACTORS.pop(refs[ref], None)
     return RouterView(
-        replicas=len(actor_names),
         stamps=[int(s.get("stamp", -1)) for s in got],
         snapshot=merge(got),
     )

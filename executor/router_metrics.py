@@ -13,7 +13,7 @@ for the autoscaler, and `served` counts every finished request since the replica
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -188,12 +188,3 @@ def summarize(snapshot: dict[str, Any]) -> dict[str, VersionMetrics]:
             latency_p99_s=quantile(latency, 0.99),
         )
     return out
-
-
-def by_version(counts: list[dict[str, int]]) -> dict[str, int]:
-    """Sum per-version counters (e.g. every router replica's ongoing requests)."""
-    out: defaultdict[str, int] = defaultdict(int)
-    for c in counts:
-        for k, n in c.items():
-            out[k] += int(n)
-    return dict(out)

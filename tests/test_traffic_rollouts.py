@@ -85,27 +85,12 @@ CASES: list[tuple[str, str, bytes | None, dict[str, str]]] = [
 ]  # fmt: skip
 
 
-def deploy_file(c: RayCluster, folder: Path, version: str, **over: Any) -> Path:
-    spec: dict[str, Any] = {
-        "name": APP,
-        "version": version,
-        "model": {
-            "import_path": "hidden_echo:app",  # only importable from `folder`
-            "args": {"version": version, "chunk_delay_s": 0.02},
-            "ray_actor_options": {"num_gpus": 1, "num_cpus": 0.1},
-            "graceful_shutdown_timeout_s": 5,
-        },
-        "health_check": {"period_s": 1, "timeout_s": 5},
-        "replicas": 2,
-        "policy": {"max_surge_percent": 50, "stabilization_time_seconds": 2},
-        "progress_deadline_s": 90,
-        "cluster": {"num_gpus": 6},
-        "http": {"port": c.port, "route_prefix": f"/{APP}"},
-        **over,
-    }
-    path = folder / f"{APP}-{version}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+def deploy_file(c: RayCluster, version: str) -> Path:
+    """The echo app's deploy file: its import path resolves only from the app's own folder."""
+    model = {"import_path": "hidden_echo:app", "graceful_shutdown_timeout_s": 5,
+             "args": {"version": version, "chunk_delay_s": 0.02}}  # fmt: skip
+    policy = {"max_surge_percent": 50, "stabilization_time_seconds": 2}
+    return c.deploy_file(APP, version, model=model, policy=policy)
 
 
 def rollout_cli(c: RayCluster, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -141,7 +126,7 @@ def echo(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> I
     """v1 of the echo app deployed with `rollout deploy` from its own folder, and directly."""
     folder = tmp_path_factory.mktemp("app")
     shutil.copy(REPO / "examples" / "echo.py", folder / "hidden_echo.py")
-    done = rollout_cli(ray_cluster, folder, "deploy", str(deploy_file(ray_cluster, folder, "v1")))
+    done = rollout_cli(ray_cluster, folder, "deploy", str(deploy_file(ray_cluster, "v1")))
     assert done.returncode == 0, done.stdout + done.stderr
     deploy_direct(folder)
     wait_for(
@@ -305,7 +290,7 @@ def test_rollout_under_streaming_load_loses_nothing(ray_cluster: RayCluster, ech
     want = expected_answers(f"{base}/{DIRECT}")
     with StreamLoad(f"{base}/{APP}") as load:
         wait_for(lambda: len(load.done) > 40, 30, what="load before the rollout")
-        done = rollout_cli(c, echo, "deploy", str(deploy_file(c, echo, "v2")))
+        done = rollout_cli(c, echo, "deploy", str(deploy_file(c, "v2")))
         time.sleep(1.0)
     assert done.returncode == 0, done.stdout + done.stderr
     failed = [d for d in load.done if d.answer is None]
@@ -337,7 +322,7 @@ def test_killing_a_router_replica_loses_only_its_requests_in_flight(
     rollout = None
     with StreamLoad(f"{base}/{APP}") as load:
         wait_for(lambda: len(load.done) > 40, 30, what="load before the rollout")
-        path = deploy_file(c, echo, "v1")
+        path = deploy_file(c, "v1")
         env = c.env()
         env.pop("PYTHONPATH")
         rollout = subprocess.Popen(
