@@ -37,7 +37,7 @@ from pydantic import BaseModel
 from executor import cluster, store
 from executor.deploy_file import DeploySpec, version_app
 from executor.router import DEPLOYMENT as ROUTER_DEPLOYMENT
-from executor.router_client import router_actor_names, wait_for_stamp
+from executor.router_client import read_router, router_actor_names, wait_for_stamp
 from rollout import controller as c
 from rollout import history as h
 from rollout.autoscaler import Autoscaler
@@ -237,8 +237,6 @@ def router_routes(config: dict[str, Any] | None) -> list[dict[str, Any]]:
 def router_stats(name: str) -> dict[str, Any]:
     """Every running router replica's traffic, merged: `ongoing` and `served` per version, the
     metrics window, and `stamps` (each replica's applied config); {} when there is no router."""
-    from executor.router_client import read_router, router_actor_names
-
     try:
         view = read_router(router_actor_names(name, cluster.serve_client().get_serve_details()))
     except Exception:  # no router yet, or it is restarting
