@@ -380,7 +380,11 @@ def load_command(
             flush=True,
         )
 
-    _run(replay, announce)
+    interrupted = False
+    try:
+        _run(replay, announce)
+    except KeyboardInterrupt:  # keep what was measured: requests not sent are marked so
+        interrupted = True
     requests = replay.frame()
     summary = summarize(
         requests, replay.lag, url=base, model=replay.model, trace=str(trace_path),
@@ -392,6 +396,8 @@ def load_command(
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(format_summary(summary))
     print(f"wrote {out_dir / 'requests.parquet'} and summary.json", file=sys.stderr)
+    if interrupted:
+        raise KeyboardInterrupt
     return summary
 
 
