@@ -218,9 +218,13 @@ class Replay:
                         tail = (tail + chunk)[-64:]
                     if not tail.rstrip().endswith(b"data: [DONE]"):
                         rec.error[i] = "the stream ended without data: [DONE]"
-        except (TimeoutError, aiohttp.ClientError, OSError) as e:
+        except asyncio.CancelledError:  # the replay was interrupted
+            rec.error[i] = "interrupted before the answer ended"
+            raise
+        except Exception as e:  # any failure is recorded against the request, never raised
             rec.error[i] = f"{type(e).__name__}: {e}"[:300]
-        rec.end[i] = loop.time() - self.t0
+        finally:
+            rec.end[i] = loop.time() - self.t0
         self.done += 1
         self.failed += rec.error[i] is not None
 
