@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -214,3 +215,31 @@ def test_a_trace_without_token_columns(tmp_path: Path, server: Server) -> None:
     done = cli(str(csv), "--url", f"http://127.0.0.1:{server.port}")
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "no ContextTokens and GeneratedTokens" in done.stderr
+
+
+def test_an_interrupted_replay_keeps_what_it_measured(server: Server, tmp_path: Path) -> None:
+    import signal
+
+    csv = tmp_path / "t.csv"
+    pd.DataFrame({"arrival_s": [i * 0.1 for i in range(40)], "ContextTokens": 5,
+                  "GeneratedTokens": 3}).to_csv(csv, index=False)  # fmt: skip
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rollout.cli", "load", str(csv), "--url",
+         f"http://127.0.0.1:{server.port}", "--out", str(out)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while "replaying" not in (proc.stderr.readline() if proc.stderr else ""):
+        assert time.monotonic() < deadline
+    time.sleep(1.5)  # about 15 sent, the first few answered (each answer takes over 1 s)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().endswith("rollout: error: interrupted")
+    df = pd.read_parquet(out / "requests.parquet")
+    assert len(df) == 40
+    answered = df[~df["dropped"]]
+    assert 1 <= len(answered) < 10 and answered["error"].isna().all()
+    errors = df["error"].value_counts()
+    assert errors["not sent"] > 10 and errors["interrupted before the answer ended"] > 5
+    assert df.loc[df["error"] == "not sent", "start_s"].isna().all()
