@@ -115,13 +115,15 @@ class Server:
             )
             await resp.prepare(request)
             await asyncio.sleep(self.delay_s)
-            for i in range(n if n != 17 else 2):
-                await resp.write(
-                    f"data: {json.dumps({'choices': [{'text': str(i)}]})}\n\n".encode()
-                )
-                await asyncio.sleep(0.01)
-            if n != 17:
-                await resp.write(b"data: [DONE]\n\n")
+            try:
+                for i in range(n if n != 17 else 2):
+                    event = json.dumps({"choices": [{"text": str(i)}]})
+                    await resp.write(f"data: {event}\n\n".encode())
+                    await asyncio.sleep(0.01)
+                if n != 17:
+                    await resp.write(b"data: [DONE]\n\n")
+            except ConnectionResetError:  # the client went away (the interrupted replay)
+                pass
             return resp
 
         async def main() -> None:
