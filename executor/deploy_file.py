@@ -88,6 +88,11 @@ class HttpSpec(_Strict):
         return v
 
 
+class RouterSpec(_Strict):
+    replicas: int = Field(2, ge=1, le=64)  # more than one: a router replica is no single point
+    metrics_window_s: float = Field(60.0, gt=0, le=300)  # the per-version metrics' window
+
+
 class DeploySpec(_Strict):
     name: str
     version: str
@@ -99,6 +104,7 @@ class DeploySpec(_Strict):
     progress_deadline_s: float | None = Field(None, gt=0, le=86400)
     cluster: ClusterSpec = ClusterSpec()
     http: HttpSpec = HttpSpec()
+    router: RouterSpec = RouterSpec()
     store: str | None = None  # null: SQLite under .rollout/; or a postgresql:// URL
 
     @field_validator("name")

@@ -38,7 +38,7 @@ APP_VERSION = "rollout-executor-1"  # fixed, so a restarted controller recovers 
 
 def tick_s() -> float:
     """Seconds between observations when nothing happens (controls cut the wait short)."""
-    return float(os.environ.get("ROLLOUT_TICK_S", "0.5"))
+    return float(os.environ.get("ROLLOUT_TICK_S", "0.2"))
 
 
 class InstallState(BaseModel):

@@ -138,6 +138,45 @@ def history(
     history_command(rollout_id, as_json=json_)
 
 
+@app.command()
+@friendly
+def load(
+    trace: Annotated[Path, typer.Argument(metavar="TRACE", help="Trace CSV with token columns.")],
+    url: Annotated[str, typer.Option(help="Base URL of an OpenAI-compatible server.")],
+    time_scale: Annotated[
+        float, typer.Option("--time-scale", help="Divide trace times: 2 replays twice as fast.")
+    ] = 1.0,
+    rate_scale: Annotated[
+        float,
+        typer.Option(
+            "--rate-scale",
+            help="Multiply the request rate by thinning (<1) or copying (>1) requests.",
+        ),
+    ] = 1.0,
+    start_s: Annotated[
+        float, typer.Option("--start-s", help="Start this many trace seconds in.")
+    ] = 0.0,
+    duration_s: Annotated[
+        float | None, typer.Option("--duration-s", help="Replay this many trace seconds.")
+    ] = None,
+    out: OutDir = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model to ask for (default: the server's first).")
+    ] = None,
+    timeout_s: Annotated[
+        float, typer.Option("--timeout-s", help="Give up on one request after this long.")
+    ] = 600.0,
+    seed: Annotated[int, typer.Option(help="Seed of the prompts and of rate scaling.")] = 0,
+) -> None:
+    """Replay a trace open loop against a server: latency and TTFT per version."""
+    from measure.load import load_command
+
+    load_command(
+        trace, url, time_scale=time_scale, rate_scale=rate_scale, start_s=start_s,
+        duration_s=duration_s, out=out, model=model, timeout_s=timeout_s, seed=seed,
+    )  # fmt: skip
+
+
 def _control_command(name: str, control: str, doc: str) -> None:
     @app.command(name=name, help=doc)
     @friendly

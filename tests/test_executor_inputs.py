@@ -3,9 +3,7 @@ executor's pure pieces (router choice, config merging, history reading) without 
 
 from __future__ import annotations
 
-import collections
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -130,39 +128,39 @@ def test_unknown_rollout_id(tmp_path: Path, args: list[str]) -> None:
 # ---- the router's choice ---------------------------------------------------------------------
 
 
-def test_router_splits_by_weight_and_never_picks_weight_zero() -> None:
-    router = Router.func_or_class.__new__(Router.func_or_class)
-    Router.func_or_class.__init__(router)
-    router.handles = {"m_v1": object(), "m_v2": object()}  # skip real handles
-    route = {"version": "v1", "app": "m_v1", "deployment": "Model"}
-    router.routes = [r for r in [route | {"weight": 0.0}, {**route, "version": "v2",
-                     "app": "m_v2", "weight": 1.0}] if r["weight"] > 0]  # fmt: skip
-    random.seed(1)
-    assert {router._choose()["version"] for _ in range(500)} == {"v2"}
-    router.routes = [route | {"weight": 0.3}, {**route, "version": "v2", "weight": 0.7}]
-    counts = collections.Counter(router._choose()["version"] for _ in range(4000))
-    assert abs(counts["v2"] / 4000 - 0.7) < 0.03
-    router.routes = []
-    assert router._choose() is None
-
-
 def test_router_reconfigure_drops_zero_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The router takes the controller's routes from its user_config (the choice by weight is
+    tested in test_router_units.py): zero weights are dropped, handles made once per app."""
+    import asyncio
+
     import executor.router as r
 
-    monkeypatch.setattr(r.serve, "get_deployment_handle", lambda dep, app: f"handle:{app}")
-    router = Router.func_or_class()
-    router.reconfigure(
-        {
-            "stamp": 7,
-            "routes": [
-                {"version": "v1", "app": "m_v1", "deployment": "Model", "weight": 0.0},
-                {"version": "v2", "app": "m_v2", "deployment": "Model", "weight": 1.0},
-            ],
-        }
-    )
-    assert router.stats()["stamp"] == 7
-    assert router.stats()["weights"] == {"v2": 1.0}
-    assert router.handles == {"m_v2": "handle:m_v2"}
+    class Handle:
+        def __init__(self, app: str) -> None:
+            self.app, self.source = app, None
+
+        def _init(self, **options: Any) -> None:
+            self.source = options["_source"]
+
+        def options(self, **options: Any) -> tuple[str, Any, bool]:
+            return self.app, self.source, options["stream"]
+
+    monkeypatch.setattr(r.serve, "get_deployment_handle", lambda dep, app: Handle(app))
+    router = Router.func_or_class.__new__(Router.func_or_class)
+    asyncio.run(Router.func_or_class.__init__(router))
+    config = {
+        "stamp": 7,
+        "routes": [
+            {"version": "v1", "app": "m_v1", "deployment": "Model", "weight": 0.0},
+            {"version": "v2", "app": "m_v2", "deployment": "Model", "weight": 1.0},
+        ],
+    }
+    asyncio.run(router.reconfigure(config))
+    stats = asyncio.run(router.record_routing_stats())
+    assert stats["stamp"] == 7
+    assert stats["weights"] == {"v2": 1.0}
+    assert stats["ongoing"] == {} and stats["versions"] == {}
+    assert router.handles == {"m_v2": ("m_v2", r.DeploymentHandleSource.PROXY, True)}
 
 
 # ---- reading Serve's details -----------------------------------------------------------------
