@@ -149,8 +149,8 @@ def test_only_token_checked_servers_listen_beyond_loopback(served: RayCluster) -
     # Serve 2.60 binds each replica's inter-deployment gRPC server to [::]; nothing else is wide
     replicas = [r for a in serve_details()["applications"].values()
                 for d in a["deployments"].values() for r in d["replicas"]]  # fmt: skip
-    assert len(replicas) == 2  # the model's replica and its router's
-    assert sorted(name for _, _, name in wide) == ["ray::ServeReplica"] * 2
+    assert len(replicas) == 3  # the model's replica and its router's two
+    assert sorted(name for _, _, name in wide) == ["ray::ServeReplica"] * len(replicas)
     assert {ip for ip, _, _ in wide} == {"::"}
     bearer = (("authorization", "Bearer " + token(c)),)
     for _, port, _ in wide:

@@ -471,5 +471,7 @@ def test_llm_rollout_under_trace_replay(ray_cluster: RayCluster, llm: Path) -> N
     assert (df["ttft_s"] > 0).all() and (df["latency_s"] >= df["ttft_s"]).all()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["failed"] == 0 and set(summary["versions"]) == {"v1", "v2"}
-    assert summary["send_lag_p99_s"] < 0.05
+    # open loop even on 2 cores shared with the cluster: a closed loop would lag by seconds
+    # (the generator's own capacity is measured by benchmarks/load_capacity.py)
+    assert summary["send_lag_p99_s"] < 1.0
     assert "v1" in stdout and "v2" in stdout and "TTFT p50" in stdout
