@@ -43,6 +43,7 @@ class LocalCluster:
     num_gpus: int | None
     num_cpus: int
     agent_port: int | None = None  # the dashboard agent's HTTP server (its job API among others)
+    started_at: float | None = None  # the `ray start` process's start time, as the kernel has it
 
 
 def _state_file() -> Path:
@@ -69,13 +70,27 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _ours(info: LocalCluster) -> bool:
+    """The recorded pid is still the `ray start` rollout launched: same start time and command
+    line (after a reboot the pid may belong to anything)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(info.pid)
+        cmd = proc.cmdline()
+        same_start = info.started_at is None or abs(proc.create_time() - info.started_at) < 1.0
+    except psutil.Error:
+        return False
+    return same_start and "ray.scripts.scripts" in cmd and f"--temp-dir={info.temp_dir}" in cmd
+
+
 def local_cluster() -> LocalCluster | None:
     """The local cluster rollout started, if it is still running."""
     path = _state_file()
     if not path.exists():
         return None
     info = LocalCluster(**json.loads(path.read_text()))
-    if not _alive(info.pid):
+    if not _alive(info.pid) or not _ours(info):
         path.unlink(missing_ok=True)
         return None
     return info
@@ -136,7 +151,12 @@ def start_local(num_gpus: int | None, num_cpus: int | None = None) -> LocalClust
     except BaseException:  # interrupted or failed: leave no half-started cluster behind
         _stop_pid(proc.pid, timeout_s=10)
         raise
-    info = LocalCluster(f"127.0.0.1:{port}", proc.pid, str(temp_dir), num_gpus, cpus, agent_port)
+    import psutil
+
+    started_at = psutil.Process(proc.pid).create_time()
+    info = LocalCluster(
+        f"127.0.0.1:{port}", proc.pid, str(temp_dir), num_gpus, cpus, agent_port, started_at
+    )
     _state_file().write_text(json.dumps(asdict(info)))
     return info
 

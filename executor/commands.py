@@ -298,19 +298,26 @@ def _withdraw(st: store.Store, rec: store.Record) -> None:
     print(f"cancelled rollout {rec.id}")
 
 
+def _address(rec: store.Record) -> str | None:
+    return json.loads(rec.plan).get("address")
+
+
 def down_command(path: Path | None = None) -> None:
     if path is None:
-        for url in store.known_urls():
+        local = cluster.local_cluster()
+        if local is None:
+            print("no local Ray cluster started by rollout is running")
+            return
+        for url in store.known_urls():  # only rollouts on the cluster this stops
             try:
                 st = store.Store(url, create=False)
                 for rec in st.all_active():
-                    _withdraw(st, rec)
+                    if _address(rec) == local.address:
+                        _withdraw(st, rec)
             except FileNotFoundError:
                 continue
-        if cluster.stop_local():
-            print("removed every application and stopped the local Ray cluster")
-        else:
-            print("no local Ray cluster started by rollout is running")
+        cluster.stop_local()
+        print("removed every application and stopped the local Ray cluster")
         return
     from executor.serve_backend import declarative_apps, remove_apps
 

@@ -260,3 +260,34 @@ def test_autoscaler_state_is_carried_in_the_step_memory(monkeypatch: pytest.Monk
         desired.append(backend._desired(now))
         memory = sb.Memory.model_validate_json(backend.mem.model_dump_json())  # as recorded
     assert desired == [2, 2, 2, 4, 4]
+
+
+# ---- `rollout down` stops only what it started -----------------------------------------------
+
+
+def test_down_leaves_a_reused_pid_and_remote_rollouts_alone(tmp_path: Path) -> None:
+    """cluster.json names a pid that is now another program (a reboot reused it), and the store
+    holds a rollout on a remote cluster: `down` kills nothing and withdraws nothing."""
+    home = tmp_path / "home"
+    home.mkdir()
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        info = {"address": "127.0.0.1:1", "pid": other.pid, "temp_dir": "/tmp/rollout-ray-x",
+                "num_gpus": 1, "num_cpus": 1}  # fmt: skip
+        (home / "cluster.json").write_text(json.dumps(info))
+        st = store.Store(f"sqlite:///{home / 'rollout.sqlite'}")
+        st.add(
+            store.Record(
+                id="far-v2-1", app="far", from_version="v1", to_version="v2", created_at=1.0,
+                plan=json.dumps({"address": "10.0.0.1:6379"}), outcome=None, finished_at=None,
+            )
+        )  # fmt: skip
+        out = run_cli(tmp_path, "down")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "no local Ray cluster started by rollout is running"
+        assert other.poll() is None  # still running
+        rec = st.get("far-v2-1")
+        assert rec is not None and rec.outcome is None
+    finally:
+        other.kill()
+        other.wait()
