@@ -24,10 +24,11 @@ from rollout.errors import InputError
 DETACH_WAIT_S = 90.0
 
 
-def _store_for(spec: DeploySpec) -> store.Store:
+def _store_for(spec: DeploySpec, path: Path) -> store.Store:
     url = spec.store or store.default_url()
-    store.remember_url(url)
-    return store.Store(url)
+    st = store.Store(url)
+    store.remember(url, path)
+    return st
 
 
 def _settle(st: store.Store, db: object, rec: store.Record) -> str | None:
@@ -48,7 +49,7 @@ def _settle(st: store.Store, db: object, rec: store.Record) -> str | None:
 def deploy_command(path: Path, detach: bool = False) -> None:
     spec = load_deploy_file(path)
     cluster.address_for(spec, start=False)  # the cluster's token, for a resumed controller
-    st = _store_for(spec)
+    st = _store_for(spec, path)
     db = status.client(st.url)
     for rec in st.active(spec.name):
         wf = _settle(st, db, rec)
@@ -119,12 +120,12 @@ def _plan(spec: DeploySpec, url: str):  # type: ignore[no-untyped-def]
         name=spec.name,
         from_version=from_version,
         to_version=spec.version,
-        spec=spec,
+        spec=spec.model_copy(update={"store": spec.store and store.mask_url(spec.store)}),
         current_app=current_app,
         candidate_app=candidate_app_config(spec, deployment),
         desired_start=max(1, desired),
         address=address,
-        store_url=url,
+        store_url=store.mask_url(url),  # the controller gets the URL itself from its caller
     )
 
 
@@ -150,7 +151,7 @@ def _resume(st: store.Store, rec: store.Record, detach: bool) -> None:
 def recover_command(path: Path) -> None:
     spec = load_deploy_file(path)
     cluster.address_for(spec, start=False)  # the cluster's token
-    st = _store_for(spec)
+    st = _store_for(spec, path)
     db = status.client(st.url)
     pending = [r for r in st.active(spec.name) if _settle(st, db, r) in (*status.ACTIVE, None)]
     if not pending:
@@ -221,9 +222,10 @@ def _spawn(st: store.Store, rollout_id: str, mode: str) -> None:
     logs = store.home() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log = (logs / f"{rollout_id}.log").open("a")
-    env = dict(os.environ, ROLLOUT_HOME=str(store.home()))
+    # the store's URL (with its password) goes by environment, never on the command line
+    env = dict(os.environ, ROLLOUT_HOME=str(store.home()), ROLLOUT_STORE_URL=st.url)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "executor.worker", mode, st.url, rollout_id],
+        [sys.executable, "-m", "executor.worker", mode, rollout_id],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         start_new_session=True, env=env, cwd=os.getcwd(),
     )  # fmt: skip
@@ -322,7 +324,7 @@ def down_command(path: Path | None = None) -> None:
     from executor.serve_backend import declarative_apps, remove_apps
 
     spec = load_deploy_file(path)
-    st = _store_for(spec)
+    st = _store_for(spec, path)
     for rec in st.active(spec.name):
         _withdraw(st, rec)
     address = cluster.address_for(spec, start=False)

@@ -23,7 +23,7 @@ TERMINAL = ("succeeded", "cancelled", "failed")
 
 
 def client(url: str) -> DBOSClient:
-    return DBOSClient(system_database_url=url)
+    return DBOSClient(system_database_url=url, serializer=store.dbos_serializer())
 
 
 def read_history(db: DBOSClient, rollout_id: str, offset: int = 0) -> tuple[list[h.Event], int]:

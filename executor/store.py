@@ -25,7 +25,7 @@ from typing import IO
 
 import sqlalchemy as sa
 
-from rollout.errors import InputError
+from rollout.errors import InputError, mask_secrets
 
 _META = sa.MetaData()
 INDEX = sa.Table(
@@ -51,28 +51,47 @@ def default_url() -> str:
     return f"sqlite:///{home() / 'rollout.sqlite'}"
 
 
-def _known_urls_file() -> Path:
+def _known_stores_file() -> Path:
     return home() / "stores.json"
 
 
-def remember_url(url: str) -> None:
-    """Record a non-default store so that `status ID` and `history ID` can find its rollouts."""
+def mask_url(url: str) -> str:
+    """The URL as it may be printed or recorded: without its password."""
+    return mask_secrets(url)
+
+
+def remember(url: str, deploy_file: Path) -> None:
+    """Note which deploy file named a non-default store, so that `status ID` and `history ID`
+    can find its rollouts. The URL itself (with its password) stays in that file only."""
     if url == default_url():
         return
-    path = _known_urls_file()
-    urls = json.loads(path.read_text()) if path.exists() else []
-    if url not in urls:
+    path = _known_stores_file()
+    known = json.loads(path.read_text()) if path.exists() else []
+    entry = {"store": mask_url(url), "deploy_file": str(deploy_file.resolve())}
+    if entry not in known:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps([*urls, url]))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump([*known, entry], f)
 
 
 def known_urls() -> list[str]:
-    """`$ROLLOUT_STORE` if set, else the default store and every store a deploy file named."""
+    """`$ROLLOUT_STORE` if set, else the default store and the store of every deploy file that
+    named one (read from that file again)."""
     if os.environ.get("ROLLOUT_STORE"):
         return [os.environ["ROLLOUT_STORE"]]
-    path = _known_urls_file()
-    extra = json.loads(path.read_text()) if path.exists() else []
-    return [default_url(), *extra]
+    from executor.deploy_file import load_deploy_file
+
+    urls = [default_url()]
+    path = _known_stores_file()
+    for entry in json.loads(path.read_text()) if path.exists() else []:
+        try:
+            url = load_deploy_file(entry["deploy_file"]).store
+        except (InputError, KeyError, TypeError):
+            continue  # moved or rewritten since
+        if url and mask_url(url) == entry.get("store") and url not in urls:
+            urls.append(url)
+    return urls
 
 
 def _engine_url(url: str) -> str:
@@ -105,9 +124,19 @@ class Store:
             if not create and not path.exists():
                 raise FileNotFoundError(path)
             path.parent.mkdir(parents=True, exist_ok=True)
-        self.engine = sa.create_engine(_engine_url(self.url))
-        if create:
-            _META.create_all(self.engine)
+        postgres = _engine_url(self.url).startswith("postgresql")
+        self.engine = sa.create_engine(
+            _engine_url(self.url), connect_args={"connect_timeout": 5} if postgres else {}
+        )
+        try:
+            if create:
+                _META.create_all(self.engine)
+            else:
+                self.engine.connect().close()
+        except sa.exc.DBAPIError as e:
+            self.engine.dispose()
+            why = str(e.orig or e).strip().splitlines()[0] if str(e.orig or e).strip() else ""
+            raise InputError(f"cannot reach the store at {mask_url(self.url)}: {why}") from None
 
     def add(self, rec: Record) -> None:
         with self.engine.begin() as c:
@@ -149,17 +178,39 @@ class Store:
 
 
 def find(rollout_id: str) -> tuple[Store, Record]:
-    """The store holding `rollout_id`; an unknown id is bad input."""
+    """The store holding `rollout_id`; an unknown id is bad input, and so is a store that
+    cannot be reached (it may hold the id)."""
+    unreachable: list[str] = []
     for url in known_urls():
         try:
             store = Store(url, create=False)
-        except (FileNotFoundError, sa.exc.SQLAlchemyError):
+        except FileNotFoundError:
+            continue
+        except InputError as e:
+            unreachable.append(str(e))
             continue
         rec = store.get(rollout_id)
         if rec is not None:
             return store, rec
         store.dispose()
+    if unreachable:
+        raise InputError(f"{unreachable[0]} (rollout '{rollout_id}' may be recorded there)")
     raise InputError(f"unknown rollout id '{rollout_id}'")
+
+
+def dbos_serializer():  # type: ignore[no-untyped-def]
+    """DBOS's portable JSON for every workflow input, step output, event and message rollout
+    stores, and no unpickling of a value tagged as pickled: write access to the store is then
+    not code execution in controllers or in the terminals that read status."""
+    from dbos import _serialization as ser
+
+    class NoPickle(ser.DefaultSerializer):
+        def deserialize(cls, serialized_data: str) -> object:
+            raise TypeError("the store holds a pickled value; rollout reads JSON only")
+
+    if not isinstance(ser.DBOSDefaultSerializer, NoPickle):  # DBOS looks it up per call
+        ser.DBOSDefaultSerializer = NoPickle()
+    return ser.DBOSPortableJSON
 
 
 def new_rollout_id(app: str, version: str) -> str:

@@ -34,6 +34,7 @@ from rollout import history as h
 from rollout.planner import step_count
 
 APP_VERSION = "rollout-executor-1"  # fixed, so a restarted controller recovers older runs
+_STORE_URL = ""  # this controller's store, with its password (the plan holds it masked)
 
 
 def tick_s() -> float:
@@ -110,7 +111,7 @@ def finish_step(plan_json: str, outcome: str) -> None:
     if plan.from_version is None and outcome != c.Phase.SUCCEEDED.value:
         ServeBackend(plan, Memory())  # connects
         remove_apps(plan.name)  # a failed first deploy leaves nothing behind, router included
-    st = store.Store(plan.store_url)
+    st = store.Store(_STORE_URL or plan.store_url)
     try:
         st.finish(plan.id, outcome)
     finally:
@@ -299,6 +300,7 @@ def dbos_config(url: str, executor_id: str) -> dict[str, Any]:
         "application_version": APP_VERSION,
         "log_level": "WARNING",
         "notification_listener_polling_interval_sec": 0.1,
+        "serializer": store.dbos_serializer(),
     }
 
 
@@ -306,7 +308,8 @@ class ControllerProcess:
     """This process as a rollout controller: DBOS launched under its own executor id."""
 
     def __init__(self, url: str) -> None:
-        self.url = url
+        global _STORE_URL
+        self.url = _STORE_URL = url
         self.executor_id = store.new_executor_id()
         self.lock = store.ExecutorLock(self.executor_id)
         DBOS(config=dbos_config(url, self.executor_id))  # type: ignore[arg-type]
