@@ -48,10 +48,12 @@ def _settle(st: store.Store, db: object, rec: store.Record) -> str | None:
 
 def deploy_command(path: Path, detach: bool = False) -> None:
     spec = load_deploy_file(path)
-    cluster.address_for(spec, start=False)  # the cluster's token, for a resumed controller
+    address = cluster.address_for(spec, start=False)  # and its token, for a resumed controller
     st = _store_for(spec, path)
     db = status.client(st.url)
     for rec in st.active(spec.name):
+        if rec.cluster not in (None, address):
+            continue  # another cluster's rollout of this model
         wf = _settle(st, db, rec)
         if wf is not None and wf not in status.ACTIVE:
             continue
@@ -70,6 +72,7 @@ def deploy_command(path: Path, detach: bool = False) -> None:
         store.Record(
             id=plan.id, app=plan.name, from_version=plan.from_version, to_version=plan.to_version,
             created_at=time.time(), plan=plan.model_dump_json(), outcome=None, finished_at=None,
+            cluster=plan.address,
         )
     )  # fmt: skip
     print(plan.id, flush=True)
@@ -131,13 +134,13 @@ def _plan(spec: DeploySpec, url: str):  # type: ignore[no-untyped-def]
 
 def _resume(st: store.Store, rec: store.Record, detach: bool) -> None:
     db = status.client(st.url)
-    wf, executor = status.workflow_state(db, rec.id)
+    wf, _ = status.workflow_state(db, rec.id)
     if wf is None and time.time() - rec.created_at < DETACH_WAIT_S:
         raise InputError(f"rollout {rec.id} is just starting; try again in a minute")
     print(rec.id, flush=True)
-    if store.executor_alive(executor):
-        pid = store.executor_pid(executor)
-        print(f"rollout {rec.id} is already running (controller pid {pid})", file=sys.stderr)
+    lease = st.lease(rec.id)
+    if lease.live:
+        print(f"rollout {rec.id} is already running ({lease.describe()})", file=sys.stderr)
         if not detach:
             _finish(rec.id, _follow(db, rec.id))
         return
@@ -158,10 +161,9 @@ def recover_command(path: Path) -> None:
         print(f"no rollout of {spec.name} to recover")
         return
     for rec in pending:
-        _, executor = status.workflow_state(db, rec.id)
-        if store.executor_alive(executor):
-            pid = store.executor_pid(executor)
-            print(f"rollout {rec.id} is running (controller pid {pid}); nothing to recover")
+        lease = st.lease(rec.id)
+        if lease.live:
+            print(f"rollout {rec.id} is running ({lease.describe()}); nothing to recover")
             continue
         print(rec.id, flush=True)
         print(f"resuming rollout {rec.id} from its last recorded step", file=sys.stderr)
@@ -232,8 +234,8 @@ def _spawn(st: store.Store, rollout_id: str, mode: str) -> None:
     db = status.client(st.url)
     deadline = time.monotonic() + DETACH_WAIT_S
     while time.monotonic() < deadline:
-        wf, executor = status.workflow_state(db, rollout_id)
-        if wf is not None and (wf not in status.ACTIVE or store.executor_alive(executor)):
+        wf, _ = status.workflow_state(db, rollout_id)
+        if wf is not None and (wf not in status.ACTIVE or st.lease(rollout_id).live):
             print(
                 f"controller pid {proc.pid} runs it; follow with `rollout status {rollout_id}`",
                 file=sys.stderr,
@@ -250,7 +252,7 @@ def _spawn(st: store.Store, rollout_id: str, mode: str) -> None:
 
 def status_command(rollout_id: str, as_json: bool = False) -> None:
     st, rec = store.find(rollout_id)
-    s = status.read_status(status.client(st.url), rec)
+    s = status.read_status(status.client(st.url), rec, st.lease(rollout_id))
     print(json.dumps(s) if as_json else status.format_status(s))
 
 
@@ -274,9 +276,8 @@ def control_command(rollout_id: str, control_name: str) -> None:
     if rec.outcome or (wf is not None and wf not in status.ACTIVE):
         raise InputError(f"rollout {rollout_id} has already ended ({rec.outcome}); cannot {verb}")
     db.send(rollout_id, {"control": ctl.value, "sent_at": time.time()}, topic=status.CONTROL_TOPIC)
-    _, executor = status.workflow_state(db, rollout_id)
     print(f"{verb} sent to rollout {rollout_id}")
-    if not store.executor_alive(executor):
+    if not st.lease(rollout_id).live:
         print(
             "its controller is not running: the control waits until `rollout recover`",
             file=sys.stderr,
@@ -289,12 +290,12 @@ def control_command(rollout_id: str, control_name: str) -> None:
 def _withdraw(st: store.Store, rec: store.Record) -> None:
     """Stop a rollout's workflow (its controller exits) before its applications go."""
     db = status.client(st.url)
-    wf, executor = status.workflow_state(db, rec.id)
+    wf, _ = status.workflow_state(db, rec.id)
     if wf in status.ACTIVE:
         with contextlib.suppress(Exception):
             db.cancel_workflow(rec.id)
         deadline = time.monotonic() + 20
-        while store.executor_alive(executor) and time.monotonic() < deadline:
+        while st.lease(rec.id).live and time.monotonic() < deadline:
             time.sleep(0.2)
     st.finish(rec.id, "cancelled")
     print(f"cancelled rollout {rec.id}")

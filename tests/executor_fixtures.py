@@ -99,7 +99,7 @@ class RayCluster:
         st, rec = store.find(rollout_id)
         if st.url not in _CLIENTS:
             _CLIENTS[st.url] = status.client(st.url)
-        return status.read_status(_CLIENTS[st.url], rec)
+        return status.read_status(_CLIENTS[st.url], rec, st.lease(rollout_id))
 
     def history(self, rollout_id: str) -> list[dict[str, Any]]:
         out = self.cli("history", rollout_id, "--json")
