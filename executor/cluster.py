@@ -280,7 +280,7 @@ class ConfigLock:
 
 
 @contextlib.contextmanager
-def config_lock(ttl_s: float = 60.0) -> Iterator[None]:
+def config_lock(ttl_s: float = 20.0) -> Iterator[None]:
     """Serialise a read-modify-write of the cluster's whole declarative config (deploy_apps
     replaces every application) with every other writer of this cluster."""
     import ray

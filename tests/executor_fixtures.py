@@ -74,16 +74,19 @@ class RayCluster:
         path.write_text(yaml.safe_dump(spec))
         return path
 
-    def cli(self, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, timeout: float = 240, cwd: Path = REPO, **env: str
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "rollout.cli", *args],
-            cwd=REPO, env=self.env(), capture_output=True, text=True, timeout=timeout,
+            cwd=cwd, env={**self.env(), **env}, capture_output=True, text=True, timeout=timeout,
         )  # fmt: skip
 
-    def popen(self, *args: str) -> subprocess.Popen[str]:
+    def popen(self, *args: str, **env: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
             [sys.executable, "-m", "rollout.cli", *args],
-            cwd=REPO, env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=REPO, env={**self.env(), **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
         )  # fmt: skip
 
     def status(self, rollout_id: str) -> dict[str, Any]:

@@ -16,15 +16,28 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
-from executor_fixtures import RayCluster, ensure_live, ray_cluster, remove, serve_details
+from executor_fixtures import (
+    RayCluster,
+    ensure_live,
+    live_version,
+    ray_cluster,
+    remove,
+    serve_details,
+    wait_for,
+)
+from postgres_fixture import postgres_url
+
+from executor import status, store
 
 pytestmark = pytest.mark.ray
-__all__ = ["ray_cluster"]  # the module-scoped fixture, imported for pytest
+__all__ = ["postgres_url", "ray_cluster"]  # module-scoped fixtures, imported for pytest
 
 NAME = "guarded"
+REPO_DIR = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +176,7 @@ def test_a_token_file_missing_or_readable_by_others_is_bad_input(served: RayClus
     c = served
     path, spare = c.home / "ray-token", c.home / "ray-token.spare"
     deploy = str(c.deploy_file(NAME, "v2", replicas=1))
+    before = live_version(NAME)
     try:
         path.chmod(0o644)
         out = c.cli("deploy", deploy)
@@ -180,4 +194,108 @@ def test_a_token_file_missing_or_readable_by_others_is_bad_input(served: RayClus
         if spare.exists():
             spare.rename(path)
         path.chmod(0o600)
-    assert ensure_live(c, NAME) == "v1"  # nothing was started or changed
+    assert live_version(NAME) == before  # nothing was started or changed
+
+
+# ---- one rollout per model; leases across folders on a shared Postgres store ---------------
+
+
+def other_files(c: RayCluster, *versions: str, **over: Any) -> list[Path]:
+    model = {"args": {"weights": "examples/weights-v2.npz", "load_delay_s": 0.3}}
+    return [c.deploy_file(NAME, v, replicas=1, model=model, **over) for v in versions]
+
+
+def test_two_deploys_started_together_exactly_one_runs(served: RayCluster) -> None:
+    c = served
+    assert live_version(NAME)
+    procs = [c.popen("deploy", str(f), "--detach") for f in other_files(c, "v3", "v4")]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert sorted(p.returncode for p in procs) == [0, 2], outs
+    win = next(i for i, p in enumerate(procs) if p.returncode == 0)
+    winner = outs[win][0].splitlines()[0]
+    out, err = outs[1 - win]
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith(f"rollout: error: rollout {winner} of {NAME} (")
+    assert "still in progress" in err
+    wait_for(lambda: c.peek(winner)["state"] == "succeeded", 120, what="the winner to finish")
+    assert live_version(NAME) == ("v3", "v4")[win]
+
+
+def read(url: str, rollout_id: str) -> dict[str, Any]:
+    st = store.Store(url)
+    try:
+        rec = st.get(rollout_id)
+        assert rec is not None
+        return status.read_status(status.client(url), rec, st.lease(rollout_id))
+    finally:
+        st.dispose()
+
+
+def test_a_killed_controller_is_recovered_from_another_folder_never_while_alive(
+    served: RayCluster, postgres_url: str, tmp_path: Path
+) -> None:
+    """Postgres store shared by two folders; the cluster named by address and token file.
+    Folder A's controller runs; B's `recover` leaves it alone; A's controller is killed (on a
+    host since renamed); B takes the expired lease over and finishes the rollout. The store's
+    password shows nowhere: not in `ps`, Ray's job table, logs, outputs or `.rollout/` files."""
+    c = served
+    password = postgres_url.split(":")[2].split("@")[0]
+    a, b = tmp_path / "a", tmp_path / "b"
+    b.mkdir()
+    (path,) = other_files(
+        c, "v5", store=postgres_url,
+        cluster={"address": c.address, "token_file": str(c.home / "ray-token")},
+        policy={"max_surge_percent": 50, "stabilization_time_seconds": 8},
+    )  # fmt: skip
+    env = {"ROLLOUT_LEASE_S": "3"}
+    outputs = []
+    started = c.cli("deploy", str(path), "--detach", ROLLOUT_HOME=str(a / ".rollout"), **env)
+    outputs.append(started.stdout + started.stderr)
+    assert started.returncode == 0, started.stderr
+    rollout_id = started.stdout.splitlines()[0]
+    running = wait_for(
+        lambda: (s := read(postgres_url, rollout_id))["controller"]["running"] and s, 60
+    )
+    ctl = running["controller"]
+    assert ctl["folder"] == str(REPO_DIR) and ctl["pid"]
+
+    # a live lease is never taken over, from any folder
+    home_b = str(b / ".rollout")
+    live = c.cli("recover", str(path), cwd=b, ROLLOUT_HOME=home_b, **env)
+    outputs.append(live.stdout + live.stderr)
+    assert live.returncode == 0, live.stderr
+    assert live.stdout.startswith(f"rollout {rollout_id} is running (pid {ctl['pid']} on ")
+    assert "nothing to recover" in live.stdout
+    assert read(postgres_url, rollout_id)["controller"]["holder"] == ctl["holder"]
+
+    # the password is in no process's arguments and in no Ray job's entrypoint
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "executor.worker" in ps and password not in ps
+    import ray
+
+    jobs = ray._private.worker.global_worker.gcs_client.get_all_job_info()
+    assert jobs and all(password not in str(j) for j in jobs.values())
+
+    # the controller's host is renamed, then it dies: its lease expires and B takes over
+    st = store.Store(postgres_url)
+    with st.engine.begin() as conn:
+        info = json.dumps({"pid": ctl["pid"], "host": "renamed-host", "folder": ctl["folder"]})
+        conn.execute(
+            store.INDEX.update().where(store.INDEX.c.id == rollout_id).values(holder_info=info)
+        )
+    st.dispose()
+    psutil.Process(ctl["pid"]).kill()
+    wait_for(lambda: not read(postgres_url, rollout_id)["controller"]["running"], 10)
+    done = c.cli("recover", str(path), cwd=b, ROLLOUT_HOME=home_b, **env)
+    outputs.append(done.stdout + done.stderr)
+    assert done.returncode == 0, done.stdout + done.stderr
+    end = read(postgres_url, rollout_id)
+    assert end["state"] == "succeeded"
+    assert end["controller"]["folder"] == str(b) and end["controller"]["holder"] != ctl["holder"]
+    assert live_version(NAME) == "v5"
+
+    for text in outputs:
+        assert password not in text
+    for home in (a, b, c.home):
+        for f in home.rglob("*"):
+            assert not f.is_file() or password.encode() not in f.read_bytes(), f
