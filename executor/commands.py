@@ -16,31 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-from executor import cluster, status, store
+from executor import cluster, rollouts, status, store
 from executor.deploy_file import DeploySpec, load_deploy_file
 from rollout import controller as c
 from rollout.errors import InputError
 
 DETACH_WAIT_S = 90.0
-
-
-def _store_for(spec: DeploySpec, path: Path) -> store.Store:
-    url = spec.store or store.default_url()
-    st = store.Store(url)
-    store.remember(url, path)
-    return st
-
-
-def _settle(st: store.Store, db: object, rec: store.Record) -> str | None:
-    """DBOS's state of an indexed rollout; closes index rows whose workflow has ended."""
-    wf, _ = status.workflow_state(db, rec.id)  # type: ignore[arg-type]
-    if wf is not None and wf not in status.ACTIVE:
-        outcome = {"CANCELLED": "cancelled", "SUCCESS": None}.get(wf, "failed")
-        if outcome is None:
-            got = status.read_status(db, rec)  # type: ignore[arg-type]
-            outcome = got["state"] if got["state"] in status.TERMINAL else "succeeded"
-        st.finish(rec.id, outcome)
-    return wf
 
 
 # ---- deploy ---------------------------------------------------------------------------------
@@ -49,21 +30,16 @@ def _settle(st: store.Store, db: object, rec: store.Record) -> str | None:
 def deploy_command(path: Path, detach: bool = False) -> None:
     spec = load_deploy_file(path)
     address = cluster.address_for(spec, start=False)  # and its token, for a resumed controller
-    st = _store_for(spec, path)
-    db = status.client(st.url)
-    for rec in st.active(spec.name):
-        if rec.cluster not in (None, address):
-            continue  # another cluster's rollout of this model
-        wf = _settle(st, db, rec)
-        if wf is not None and wf not in status.ACTIVE:
-            continue
+    st, db = rollouts.open_store(spec, path)
+    for t in rollouts.in_progress(st, db, spec.name, address or ""):
+        rec = t.rec
         if rec.to_version != spec.version:
             raise InputError(
                 f"rollout {rec.id} of {rec.app} ({rec.from_version or 'nothing'} → "
                 f"{rec.to_version}) is still in progress; wait for it or run "
                 f"`rollout cancel {rec.id}`"
             )
-        _resume(st, rec, detach)
+        _resume(t, detach)
         return
     plan = _plan(spec, st.url)
     if plan is None:
@@ -132,42 +108,37 @@ def _plan(spec: DeploySpec, url: str):  # type: ignore[no-untyped-def]
     )
 
 
-def _resume(st: store.Store, rec: store.Record, detach: bool) -> None:
-    db = status.client(st.url)
-    wf, _ = status.workflow_state(db, rec.id)
-    if wf is None and time.time() - rec.created_at < DETACH_WAIT_S:
-        raise InputError(f"rollout {rec.id} is just starting; try again in a minute")
-    print(rec.id, flush=True)
-    lease = st.lease(rec.id)
-    if lease.live:
-        print(f"rollout {rec.id} is already running ({lease.describe()})", file=sys.stderr)
+def _resume(t: rollouts.Tracked, detach: bool) -> None:
+    if t.workflow is None and time.time() - t.rec.created_at < DETACH_WAIT_S:
+        raise InputError(f"rollout {t.id} is just starting; try again in a minute")
+    print(t.id, flush=True)
+    if t.running:
+        print(f"rollout {t.id} is already running ({t.lease.describe()})", file=sys.stderr)
         if not detach:
-            _finish(rec.id, _follow(db, rec.id))
+            _finish(t.id, _follow(t.db, t.id))
         return
-    print(f"resuming rollout {rec.id} from its last recorded step", file=sys.stderr, flush=True)
+    print(f"resuming rollout {t.id} from its last recorded step", file=sys.stderr, flush=True)
     if detach:
-        _spawn(st, rec.id, "recover")
+        _spawn(t.store, t.id, "recover")
     else:
-        _run_here(st, rec.id, resume=True)
+        _run_here(t.store, t.id, resume=True)
 
 
 def recover_command(path: Path) -> None:
     spec = load_deploy_file(path)
     cluster.address_for(spec, start=False)  # the cluster's token
-    st = _store_for(spec, path)
-    db = status.client(st.url)
-    pending = [r for r in st.active(spec.name) if _settle(st, db, r) in (*status.ACTIVE, None)]
+    st, db = rollouts.open_store(spec, path)
+    pending = rollouts.in_progress(st, db, spec.name)
     if not pending:
         print(f"no rollout of {spec.name} to recover")
         return
-    for rec in pending:
-        lease = st.lease(rec.id)
-        if lease.live:
-            print(f"rollout {rec.id} is running ({lease.describe()}); nothing to recover")
+    for t in pending:
+        if t.running:
+            print(f"rollout {t.id} is running ({t.lease.describe()}); nothing to recover")
             continue
-        print(rec.id, flush=True)
-        print(f"resuming rollout {rec.id} from its last recorded step", file=sys.stderr)
-        _run_here(st, rec.id, resume=True)
+        print(t.id, flush=True)
+        print(f"resuming rollout {t.id} from its last recorded step", file=sys.stderr)
+        _run_here(st, t.id, resume=True)
 
 
 def _run_here(st: store.Store, rollout_id: str, *, resume: bool) -> None:
@@ -251,8 +222,7 @@ def _spawn(st: store.Store, rollout_id: str, mode: str) -> None:
 
 
 def status_command(rollout_id: str, as_json: bool = False) -> None:
-    st, rec = store.find(rollout_id)
-    s = status.read_status(status.client(st.url), rec, st.lease(rollout_id))
+    s = rollouts.find(rollout_id).status()
     print(json.dumps(s) if as_json else status.format_status(s))
 
 
@@ -269,15 +239,13 @@ def history_command(rollout_id: str, as_json: bool = False) -> None:
 def control_command(rollout_id: str, control_name: str) -> None:
     ctl = c.Control(control_name)
     verb = ctl.value.replace("_", "-")
-    st, rec = store.find(rollout_id)
-    db = status.client(st.url)
-    wf = _settle(st, db, rec)
-    rec = st.get(rollout_id) or rec
-    if rec.outcome or (wf is not None and wf not in status.ACTIVE):
-        raise InputError(f"rollout {rollout_id} has already ended ({rec.outcome}); cannot {verb}")
-    db.send(rollout_id, {"control": ctl.value, "sent_at": time.time()}, topic=status.CONTROL_TOPIC)
+    t = rollouts.find(rollout_id)
+    if not t.in_progress:
+        raise InputError(f"rollout {rollout_id} has already ended ({t.rec.outcome}); cannot {verb}")
+    msg = {"control": ctl.value, "sent_at": time.time()}
+    t.db.send(rollout_id, msg, topic=status.CONTROL_TOPIC)
     print(f"{verb} sent to rollout {rollout_id}")
-    if not st.lease(rollout_id).live:
+    if not t.running:
         print(
             "its controller is not running: the control waits until `rollout recover`",
             file=sys.stderr,
@@ -287,22 +255,16 @@ def control_command(rollout_id: str, control_name: str) -> None:
 # ---- down -----------------------------------------------------------------------------------
 
 
-def _withdraw(st: store.Store, rec: store.Record) -> None:
+def _withdraw(t: rollouts.Tracked) -> None:
     """Stop a rollout's workflow (its controller exits) before its applications go."""
-    db = status.client(st.url)
-    wf, _ = status.workflow_state(db, rec.id)
-    if wf in status.ACTIVE:
+    if t.workflow in status.ACTIVE:
         with contextlib.suppress(Exception):
-            db.cancel_workflow(rec.id)
+            t.db.cancel_workflow(t.id)
         deadline = time.monotonic() + 20
-        while st.lease(rec.id).live and time.monotonic() < deadline:
+        while t.store.lease(t.id).live and time.monotonic() < deadline:
             time.sleep(0.2)
-    st.finish(rec.id, "cancelled")
-    print(f"cancelled rollout {rec.id}")
-
-
-def _address(rec: store.Record) -> str | None:
-    return json.loads(rec.plan).get("address")
+    t.store.finish(t.id, "cancelled")
+    print(f"cancelled rollout {t.id}")
 
 
 def down_command(path: Path | None = None) -> None:
@@ -314,21 +276,25 @@ def down_command(path: Path | None = None) -> None:
         for url in store.known_urls():  # only rollouts on the cluster this stops
             try:
                 st = store.Store(url, create=False)
-                for rec in st.all_active():
-                    if _address(rec) == local.address:
-                        _withdraw(st, rec)
             except FileNotFoundError:
                 continue
+            except InputError as e:  # unreachable: its rollouts are not on this cluster's store
+                print(f"warning: {e}", file=sys.stderr)
+                continue
+            db = status.client(url)
+            for rec in st.all_active():
+                if rec.cluster == local.address:
+                    _withdraw(rollouts.track(st, db, rec))
         cluster.stop_local()
         print("removed every application and stopped the local Ray cluster")
         return
     from executor.serve_backend import declarative_apps, remove_apps
 
     spec = load_deploy_file(path)
-    st = _store_for(spec, path)
-    for rec in st.active(spec.name):
-        _withdraw(st, rec)
     address = cluster.address_for(spec, start=False)
+    st, db = rollouts.open_store(spec, path)
+    for t in rollouts.in_progress(st, db, spec.name, address or ""):
+        _withdraw(t)
     if address is None:
         print(f"no cluster runs {spec.name}")
         return
