@@ -321,7 +321,7 @@ def dbos_serializer():  # type: ignore[no-untyped-def]
 
     class NoPickle(ser.DefaultSerializer):
         def deserialize(cls, serialized_data: str) -> object:
-            raise TypeError("the store holds a pickled value; rollout reads JSON only")
+            raise InputError("the store holds a pickled value; rollout reads JSON only")
 
     if not isinstance(ser.DBOSDefaultSerializer, NoPickle):  # DBOS looks it up per call
         ser.DBOSDefaultSerializer = NoPickle()

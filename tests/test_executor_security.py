@@ -299,3 +299,42 @@ def test_a_killed_controller_is_recovered_from_another_folder_never_while_alive(
     for home in (a, b, c.home):
         for f in home.rglob("*"):
             assert not f.is_file() or password.encode() not in f.read_bytes(), f
+    check_json_only(postgres_url, rollout_id, c, b)
+
+
+class Boom:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, ("touch /tmp/rollout-unpickled",))
+
+
+def check_json_only(url: str, rollout_id: str, c: RayCluster, folder: Path) -> None:
+    """DBOS stored the rollout as JSON; a pickled value written into the store is refused, not
+    run, by the terminal that reads status."""
+    import base64
+    import pickle
+
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+    with engine.begin() as conn:
+        kinds = {
+            t: {r[0] for r in conn.execute(sa.text(f"SELECT DISTINCT serialization FROM dbos.{t}"))}
+            for t in ("workflow_status", "operation_outputs", "workflow_events")
+        }
+        assert kinds["operation_outputs"] == {"portable_json"}, kinds
+        assert all(k <= {"portable_json", None} for k in kinds.values()), kinds
+        evil = base64.b64encode(pickle.dumps(Boom())).decode()
+        conn.execute(
+            sa.text(
+                "UPDATE dbos.workflow_events SET value = :v, serialization = 'py_pickle' "
+                "WHERE workflow_uuid = :id AND key = 'status'"
+            ),
+            {"v": evil, "id": rollout_id},
+        )
+    engine.dispose()
+    got = c.cli("status", rollout_id, cwd=folder, ROLLOUT_STORE=url)
+    assert got.returncode == 2 and got.stdout == ""
+    assert (
+        got.stderr == "rollout: error: the store holds a pickled value; rollout reads JSON only\n"
+    )
+    assert not os.path.exists("/tmp/rollout-unpickled")
