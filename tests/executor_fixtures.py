@@ -41,6 +41,7 @@ class RayCluster:
             os.environ,
             ROLLOUT_HOME=str(self.home),
             ROLLOUT_TICK_S="0.25",
+            ROLLOUT_LEASE_S="3",  # a killed controller's rollout is free to take over soon
             PYTHONPATH=str(REPO),
         )
 
