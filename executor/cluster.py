@@ -171,6 +171,7 @@ def address_for(spec: DeploySpec, *, start: bool = True) -> str | None:
         return spec.cluster.address
     info = local_cluster()
     if info is None and start:
+        check_port_free(spec.http)  # before anything starts
         print("starting a local Ray cluster ...", file=sys.stderr)
         info = start_local(spec.cluster.num_gpus, spec.cluster.num_cpus)
     if info is None:
@@ -238,7 +239,20 @@ def ensure_serve(http: HttpSpec) -> None:
     try:
         serve_client()
     except (RayServeException, InputError):
+        check_port_free(http)
         serve.start(http_options={"host": http.host, "port": http.port})
+
+
+def check_port_free(http: HttpSpec) -> None:
+    """Serve's proxy cannot take a port another program listens on; say so before starting."""
+    with socket.socket() as s:
+        try:
+            s.bind((http.host, http.port))
+        except OSError as e:
+            raise InputError(
+                f"http.port {http.port} on {http.host} is already in use by another program "
+                f"({e.strerror}); free it or choose another port"
+            ) from None
 
 
 def serve_client():  # type: ignore[no-untyped-def]

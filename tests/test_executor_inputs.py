@@ -357,3 +357,19 @@ def test_a_remote_cluster_token_that_is_missing_or_readable_is_refused(
     }[problem]
     assert out.stderr.startswith(f"rollout: error: {want}") and out.stderr.count("\n") == 1
     assert not (tmp_path / "home" / "rollout.sqlite").exists()  # nothing started
+
+
+def test_an_http_port_in_use_stops_the_deploy_before_anything_starts(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = run_cli(tmp_path, "deploy", str(write(tmp_path, with_(http={"port": port}))))
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == (
+        f"rollout: error: http.port {port} on 127.0.0.1 is already in use by another program "
+        "(Address already in use); free it or choose another port\n"
+    )
+    assert not (tmp_path / "home" / "cluster.json").exists()  # no cluster was started
