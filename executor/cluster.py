@@ -23,6 +23,8 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,6 +45,7 @@ class LocalCluster:
     num_gpus: int | None
     num_cpus: int
     agent_port: int | None = None  # the dashboard agent's HTTP server (its job API among others)
+    started_at: float | None = None  # the `ray start` process's start time, as the kernel has it
 
 
 def _state_file() -> Path:
@@ -69,13 +72,27 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _ours(info: LocalCluster) -> bool:
+    """The recorded pid is still the `ray start` rollout launched: same start time and command
+    line (after a reboot the pid may belong to anything)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(info.pid)
+        cmd = proc.cmdline()
+        same_start = info.started_at is None or abs(proc.create_time() - info.started_at) < 1.0
+    except psutil.Error:
+        return False
+    return same_start and "ray.scripts.scripts" in cmd and f"--temp-dir={info.temp_dir}" in cmd
+
+
 def local_cluster() -> LocalCluster | None:
     """The local cluster rollout started, if it is still running."""
     path = _state_file()
     if not path.exists():
         return None
     info = LocalCluster(**json.loads(path.read_text()))
-    if not _alive(info.pid):
+    if not _alive(info.pid) or not _ours(info):
         path.unlink(missing_ok=True)
         return None
     return info
@@ -136,7 +153,12 @@ def start_local(num_gpus: int | None, num_cpus: int | None = None) -> LocalClust
     except BaseException:  # interrupted or failed: leave no half-started cluster behind
         _stop_pid(proc.pid, timeout_s=10)
         raise
-    info = LocalCluster(f"127.0.0.1:{port}", proc.pid, str(temp_dir), num_gpus, cpus, agent_port)
+    import psutil
+
+    started_at = psutil.Process(proc.pid).create_time()
+    info = LocalCluster(
+        f"127.0.0.1:{port}", proc.pid, str(temp_dir), num_gpus, cpus, agent_port, started_at
+    )
     _state_file().write_text(json.dumps(asdict(info)))
     return info
 
@@ -149,6 +171,7 @@ def address_for(spec: DeploySpec, *, start: bool = True) -> str | None:
         return spec.cluster.address
     info = local_cluster()
     if info is None and start:
+        check_port_free(spec.http)  # before anything starts
         print("starting a local Ray cluster ...", file=sys.stderr)
         info = start_local(spec.cluster.num_gpus, spec.cluster.num_cpus)
     if info is None:
@@ -216,7 +239,20 @@ def ensure_serve(http: HttpSpec) -> None:
     try:
         serve_client()
     except (RayServeException, InputError):
+        check_port_free(http)
         serve.start(http_options={"host": http.host, "port": http.port})
+
+
+def check_port_free(http: HttpSpec) -> None:
+    """Serve's proxy cannot take a port another program listens on; say so before starting."""
+    with socket.socket() as s:
+        try:
+            s.bind((http.host, http.port))
+        except OSError as e:
+            raise InputError(
+                f"http.port {http.port} on {http.host} is already in use by another program "
+                f"({e.strerror}); free it or choose another port"
+            ) from None
 
 
 def serve_client():  # type: ignore[no-untyped-def]
@@ -227,6 +263,56 @@ def serve_client():  # type: ignore[no-untyped-def]
     if client is None:
         raise InputError("Serve is not running on this cluster")
     return client
+
+
+class ConfigLock:
+    """A lock with an expiry, as a named detached actor on the cluster: every writer of the
+    cluster's Serve config takes it, from whatever host, folder or store it runs (a writer
+    that dies holding it blocks the others for `ttl_s` at most)."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.holder: str | None = None
+        self.until = 0.0
+        self.cond = asyncio.Condition()  # bound to the actor's event loop on first use
+
+    async def acquire(self, token: str, ttl_s: float) -> None:
+        import asyncio
+
+        async with self.cond:
+            while self.holder is not None and time.time() < self.until:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.cond.wait(), max(0.01, self.until - time.time()))
+            self.holder, self.until = token, time.time() + ttl_s
+
+    async def release(self, token: str) -> None:
+        async with self.cond:
+            if self.holder == token:
+                self.holder = None
+                self.cond.notify_all()
+
+
+@contextlib.contextmanager
+def config_lock(ttl_s: float = 20.0) -> Iterator[None]:
+    """Serialise a read-modify-write of the cluster's whole declarative config (deploy_apps
+    replaces every application) with every other writer of this cluster."""
+    import ray
+
+    actor = (
+        ray.remote(ConfigLock)
+        .options(  # type: ignore[attr-defined]
+            name="rollout-config-lock", namespace=NAMESPACE, lifetime="detached",
+            get_if_exists=True, num_cpus=0,
+        )
+        .remote()
+    )  # fmt: skip
+    token = uuid.uuid4().hex
+    ray.get(actor.acquire.remote(token, ttl_s))
+    try:
+        yield
+    finally:
+        ray.get(actor.release.remote(token))
 
 
 def _stop_pid(pid: int, timeout_s: float = 30.0) -> None:

@@ -23,18 +23,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
 import math
 import os
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel
 
-from executor import cluster, store
+from executor import cluster
 from executor.deploy_file import DeploySpec, version_app
 from executor.router import DEPLOYMENT as ROUTER_DEPLOYMENT
 from executor.router_client import read_router, router_actor_names, wait_for_stamp
@@ -165,18 +164,10 @@ def ingress_deployment(spec: DeploySpec) -> str:
         ) from None
 
 
-@contextlib.contextmanager
-def config_lock() -> Iterator[None]:
-    """Serialises read-modify-write of the cluster's declarative config between controllers
-    on this host (deploy_apps replaces the whole set of applications)."""
-    path = store.home() / "serve-config.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def config_lock() -> contextlib.AbstractContextManager[None]:
+    """Serialises read-modify-write of the cluster's declarative config between every writer
+    of the cluster (deploy_apps replaces the whole set of applications)."""
+    return cluster.config_lock()
 
 
 def declarative_apps(details: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -15,7 +15,7 @@ from typing import Annotated, TypeVar
 import typer
 from pydantic import ValidationError
 
-from rollout.errors import InputError, describe_validation_error
+from rollout.errors import InputError, describe_validation_error, mask_secrets
 
 app = typer.Typer(
     add_completion=False,
@@ -28,7 +28,7 @@ F = TypeVar("F", bound=Callable[..., object])
 
 
 def fail(message: str, code: int = 2) -> None:
-    typer.echo(f"rollout: error: {message}", err=True)
+    typer.echo(f"rollout: error: {mask_secrets(message)}", err=True)
     raise typer.Exit(code)
 
 

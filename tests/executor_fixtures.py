@@ -41,6 +41,7 @@ class RayCluster:
             os.environ,
             ROLLOUT_HOME=str(self.home),
             ROLLOUT_TICK_S="0.25",
+            ROLLOUT_LEASE_S="3",  # a killed controller's rollout is free to take over soon
             PYTHONPATH=str(REPO),
         )
 
@@ -74,16 +75,19 @@ class RayCluster:
         path.write_text(yaml.safe_dump(spec))
         return path
 
-    def cli(self, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, timeout: float = 240, cwd: Path = REPO, **env: str
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "rollout.cli", *args],
-            cwd=REPO, env=self.env(), capture_output=True, text=True, timeout=timeout,
+            cwd=cwd, env={**self.env(), **env}, capture_output=True, text=True, timeout=timeout,
         )  # fmt: skip
 
-    def popen(self, *args: str) -> subprocess.Popen[str]:
+    def popen(self, *args: str, **env: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
             [sys.executable, "-m", "rollout.cli", *args],
-            cwd=REPO, env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=REPO, env={**self.env(), **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
         )  # fmt: skip
 
     def status(self, rollout_id: str) -> dict[str, Any]:
@@ -99,7 +103,7 @@ class RayCluster:
         st, rec = store.find(rollout_id)
         if st.url not in _CLIENTS:
             _CLIENTS[st.url] = status.client(st.url)
-        return status.read_status(_CLIENTS[st.url], rec)
+        return status.read_status(_CLIENTS[st.url], rec, st.lease(rollout_id))
 
     def history(self, rollout_id: str) -> list[dict[str, Any]]:
         out = self.cli("history", rollout_id, "--json")
