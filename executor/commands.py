@@ -237,19 +237,10 @@ def history_command(rollout_id: str, as_json: bool = False) -> None:
 
 
 def control_command(rollout_id: str, control_name: str) -> None:
-    ctl = c.Control(control_name)
-    verb = ctl.value.replace("_", "-")
     t = rollouts.find(rollout_id)
-    if not t.in_progress:
-        raise InputError(f"rollout {rollout_id} has already ended ({t.rec.outcome}); cannot {verb}")
-    msg = {"control": ctl.value, "sent_at": time.time()}
-    t.db.send(rollout_id, msg, topic=status.CONTROL_TOPIC)
-    print(f"{verb} sent to rollout {rollout_id}")
+    print(t.send(c.Control(control_name)))
     if not t.running:
-        print(
-            "its controller is not running: the control waits until `rollout recover`",
-            file=sys.stderr,
-        )
+        print(rollouts.NOT_RUNNING, file=sys.stderr)
 
 
 # ---- down -----------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ and only here is an index row closed because its workflow ended.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,10 @@ from dbos import DBOSClient
 
 from executor import status, store
 from executor.deploy_file import DeploySpec
+from rollout.controller import Control
+from rollout.errors import InputError
+
+NOT_RUNNING = "its controller is not running: the control waits until `rollout recover`"
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,18 @@ class Tracked:
 
     def status(self) -> dict[str, Any]:
         return status.read_status(self.db, self.rec, self.lease)
+
+    def send(self, ctl: Control) -> str:
+        """Send one durable control (a DBOS message the workflow receives); returns the line
+        to tell the operator. A rollout that has ended is bad input."""
+        verb = ctl.value.replace("_", "-")
+        if not self.in_progress:
+            raise InputError(
+                f"rollout {self.id} has already ended ({self.rec.outcome}); cannot {verb}"
+            )
+        msg = {"control": ctl.value, "sent_at": time.time()}
+        self.db.send(self.id, msg, topic=status.CONTROL_TOPIC)
+        return f"{verb} sent to rollout {self.id}"
 
 
 def open_store(spec: DeploySpec, path: Path) -> tuple[store.Store, DBOSClient]:

@@ -10,6 +10,8 @@ import threading
 import time
 from typing import Any
 
+import sqlalchemy as sa
+
 from executor.metrics import RolloutMetrics
 from ui import series
 from ui.source import Store
@@ -73,7 +75,7 @@ class Live:
             if status is None:
                 try:
                     status = self.store.status(rec["id"])
-                except Exception:  # a row another process is writing: list it next time
+                except sa.exc.SQLAlchemyError:  # a row another process is writing: next time
                     continue
                 if rec["outcome"] and status["state"] in series.TERMINAL:
                     self._ended[rec["id"]] = status

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,10 +75,10 @@ class Store:
 
     def status(self, rollout_id: str) -> dict[str, Any]:
         """`rollout status ID --json`, plus `gpus_per_replica` per version (from the plan)."""
-        from executor import status
+        from executor import rollouts
 
-        _, db, rec = self._locate(rollout_id)
-        got = status.read_status(db, rec)
+        st, db, rec = self._locate(rollout_id)
+        got = rollouts.track(st, db, rec).status()
         got["gpus_per_replica"] = _gpus_per_replica(rec.plan)
         got["finished_at"] = rec.finished_at
         return got
@@ -108,27 +107,16 @@ class Store:
     def send_control(self, rollout_id: str, control: str) -> str:
         """The same durable control as `rollout pause|resume|... ID`, with the CLI's messages;
         a rollout that has ended raises InputError with the CLI's line."""
-        from executor import commands, status, store
+        from executor import rollouts
 
         try:
             ctl = c.Control(control)
         except ValueError:
             raise InputError(f"unknown control '{control}'") from None
-        verb = ctl.value.replace("_", "-")
-        st, db, rec = self._locate(rollout_id)
-        wf = commands._settle(st, db, rec)
-        rec = st.get(rollout_id) or rec
-        if rec.outcome or (wf is not None and wf not in status.ACTIVE):
-            raise InputError(
-                f"rollout {rollout_id} has already ended ({rec.outcome}); cannot {verb}"
-            )
-        db.send(
-            rollout_id, {"control": ctl.value, "sent_at": time.time()}, topic=status.CONTROL_TOPIC
-        )
-        _, executor = status.workflow_state(db, rollout_id)
-        message = f"{verb} sent to rollout {rollout_id}"
-        if not store.executor_alive(executor):
-            message += "; its controller is not running: the control waits until `rollout recover`"
+        tracked = rollouts.track(*self._locate(rollout_id))
+        message = tracked.send(ctl)
+        if not tracked.running:
+            message += "; " + rollouts.NOT_RUNNING
         return message
 
     def close(self) -> None:
