@@ -413,7 +413,7 @@ class _Run:
         if weight != self.s.candidate_weight:
             self._update(candidate_weight=weight)
             self.events.append(
-                h.WeightSet(t=self.now, candidate_weight=weight, reason="applied again")
+                h.WeightSet(t=self.now, candidate_weight=weight, reason="after a failed iteration")
             )
 
     def reassert_targets(self) -> None:
@@ -569,7 +569,9 @@ class _Run:
         if self.s.roll_forward_requested:
             self._update(roll_forward_requested=False)
             if self.s.direction is Direction.FORWARD and self._replaced():
-                self._ignored(Control.ROLL_FORWARD, "nothing left to roll forward")
+                self._ignored(
+                    Control.ROLL_FORWARD, "nothing left to roll forward: all replicas replaced"
+                )
             else:  # also reverses a cancel, even one that has ramped all the way back
                 self._update(fast_forward=True, direction=Direction.FORWARD)
                 self._applied(Control.ROLL_FORWARD)
@@ -646,6 +648,10 @@ class _Run:
             self._scale(out, self.s.target(out) - surplus, "retire the interrupted step's surplus")
             return
         add = need if room >= need else (room if draining == 0 else 0)
+        if add <= 0 and draining == 0 and self.s.policy.mode is Mode.UNAVAILABLE:
+            # the pool shrank after this step made room (a resize): make room again
+            self._transition(Stage.SCALE_DOWN, "the pool shrank: make room again")
+            return
         if add <= 0:
             if not self._deadline_passed():
                 self._wait(f"waiting for GPUs under the bound of {self._cap()} replicas")

@@ -324,3 +324,16 @@ def test_a_pending_pause_overridden_by_a_later_control_is_ignored(later, reason)
     )
     assert [(e.control, e.reason) for e in events(d, "control_ignored")] == [("pause", reason)]
     assert [e.control for e in events(d, "control_applied")] == [later.value]
+
+
+def test_a_pool_shrinking_in_the_middle_of_an_unavailable_step_makes_room_again():
+    """N = 2, 1 % unavailable: step 1 removes one current replica to make room; the pool
+    shrinks to 1 before the candidate starts, so the one current replica left fills the new
+    bound. The step removes it too (the floor of 1 − 1 = 0 allows it) instead of waiting for
+    room until its deadline."""
+    policy = RolloutPolicy(max_unavailable_percent=1, progress_deadline_seconds=600)
+    cl = FakeCluster(desired=2, start_delay=(1, 1), drain_s=1.0)
+    d = run(policy, cl, Script(desired=[(0.5, 1)]))
+    assert d.state.phase is c.Phase.SUCCEEDED
+    assert events(d, "finished")[0].t < 10
+    assert "the pool shrank: make room again" in [e.reason for e in events(d, "transition")]
