@@ -86,12 +86,14 @@ def test_a_short_outage_is_waited_out():
     assert "cannot observe the cluster: observe: the cluster is unreachable" in reasons
 
 
-class FailingOnce:
-    """A fake cluster whose first apply of more than one action fails after the first one."""
+class Flaky:
+    """The fake cluster behind a switch: while `broken`, apply fails after applying the first
+    `prefix` actions."""
 
-    def __init__(self, cluster: FakeCluster) -> None:
+    def __init__(self, cluster: FakeCluster, prefix: int = 0) -> None:
         self.cluster = cluster
-        self.failed = False
+        self.prefix = prefix
+        self.broken = False
 
     def clock(self) -> float:
         return self.cluster.clock()
@@ -100,9 +102,8 @@ class FailingOnce:
         return self.cluster.observe()
 
     def apply(self, actions: Sequence[c.Action]) -> None:
-        if not self.failed and len(actions) > 1:
-            self.failed = True
-            self.cluster.apply(actions[:1])
+        if self.broken:
+            self.cluster.apply(actions[: self.prefix])
             raise BackendError("deploy_apps timed out")
         self.cluster.apply(actions)
 
@@ -110,13 +111,15 @@ class FailingOnce:
 def test_a_failed_apply_is_recorded_and_the_next_decision_applies_the_whole_state():
     policy = RolloutPolicy(max_surge_percent=25)
     cl = FakeCluster(desired=4, start_delay=(5, 5))
-    backend = FailingOnce(cl)
+    backend = Flaky(cl, prefix=1)
     d = Driver.begin(policy, 4, 0.0)
     d.tick(backend)  # step 1: scale the candidate up
     cl.advance(5.0)  # ready: scale the current version down and move traffic
+    backend.broken = True
     shift = d.tick(backend)
+    backend.broken = False
     assert shift.actions == (c.ScaleTo(c.CURRENT, 3), c.SetWeight(0.25))
-    assert backend.failed and d.errors == 1 and d.error == "deploy_apps timed out"
+    assert d.errors == 1 and d.error == "deploy_apps timed out"
     # recorded, though only the first action was applied
     assert (d.state.current_target, d.state.candidate_weight) == (3, 0.25)
     assert cl.weight == 0.0
@@ -133,28 +136,9 @@ def test_a_failed_apply_is_recorded_and_the_next_decision_applies_the_whole_stat
     assert waiting[0] == "applying again after a failed iteration: deploy_apps timed out"
 
 
-class FinishFails:
-    """Applying fails while `broken`; the decision that ends the rollout then is not kept."""
-
-    def __init__(self, cluster: FakeCluster) -> None:
-        self.cluster = cluster
-        self.broken = False
-
-    def clock(self) -> float:
-        return self.cluster.clock()
-
-    def observe(self) -> c.Observation:
-        return self.cluster.observe()
-
-    def apply(self, actions: Sequence[c.Action]) -> None:
-        if self.broken:
-            raise BackendError("the router did not acknowledge")
-        self.cluster.apply(actions)
-
-
 def test_the_decision_that_ends_a_rollout_is_kept_only_once_applied():
     cl = FakeCluster(desired=1, start_delay=(1, 1), drain_s=0.0)
-    backend = FinishFails(cl)
+    backend = Flaky(cl)
     d = Driver.begin(RolloutPolicy(max_surge_percent=50), 1, 0.0)
     d.tick(backend)
     cl.advance(1.0)
