@@ -257,6 +257,7 @@ class _Run:
         self.now = obs.time
         self.actions: list[Action] = []
         self.events: list[h.Event] = []
+        self.scaled: set[str] = set()  # versions this decision scales: not yet observed
 
     def state(self) -> RolloutState:
         return self.s
@@ -334,6 +335,7 @@ class _Run:
         if after is not None and before is not None and after < self.s.candidate_weight:
             self._set_weight(after, f"{version} scaling down")
         self.actions.append(ScaleTo(version, replicas))
+        self.scaled.add(version)
         self.events.append(h.Scaled(t=self.now, version=version, replicas=replicas, reason=reason))
         if after is not None and self._proj_ready(CURRENT) == 0:
             self._set_weight(1.0, "no ready current replica left")
@@ -385,8 +387,9 @@ class _Run:
         limit = self.s.policy.max_backend_errors
         failing = obs.errors > limit and not self.s.forced
         if failing:
+            what = "iteration" if obs.errors == 1 else "iterations"
             self._fail(
-                f"{obs.errors} iterations in a row failed (at most {limit} tolerated); "
+                f"{obs.errors} {what} in a row failed (at most {limit} tolerated); "
                 f"the last: {obs.error}"
             )
         if not obs.seen:
@@ -717,7 +720,9 @@ class _Run:
         share = self._share()
         if share is not None and self._proj_ready(inc) > 0:
             self._set_weight(share, "rollout complete")
-        if self.obs.of(out).holding == 0 and self.obs.of(inc).ready > 0:
+        # a version is gone once observed gone after its last change, not in the decision that
+        # scales it (a backend applying actions one by one may start and stop one meanwhile)
+        if out not in self.scaled and self.obs.of(out).holding == 0 and self.obs.of(inc).ready:
             outcome = Phase.SUCCEEDED if inc == CANDIDATE else Phase.CANCELLED
             self._finish(outcome, "all traffic on the " + inc)
         else:
@@ -743,6 +748,7 @@ class _Run:
             self._scale(CANDIDATE, 0, "rollback")
         done = (
             self.s.candidate_target == 0
+            and CANDIDATE not in self.scaled
             and self.obs.candidate.holding == 0
             and self.s.current_target == n_current
             and (first or cur.ready > 0)
