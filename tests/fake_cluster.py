@@ -81,6 +81,10 @@ class FakeCluster:
 
     def observe(self) -> c.Observation:
         self._maybe_fail("observe")
+        return self.snapshot()
+
+    def snapshot(self) -> c.Observation:
+        """What the cluster looks like, even while observing it fails (for checks)."""
         return c.Observation(
             time=self.now,
             desired=self.desired,

@@ -38,16 +38,6 @@ def next_time(d: Driver, cl: FakeCluster, script: Script) -> float:
     return min(later) if later else now + 1.0
 
 
-def _peek(cluster: FakeCluster) -> c.Observation:
-    """What the cluster looks like, for checks, even while the controller cannot see it."""
-    outages, prob = cluster.outages, cluster.error_prob
-    cluster.outages, cluster.error_prob = [], 0.0
-    try:
-        return cluster.observe()
-    finally:
-        cluster.outages, cluster.error_prob = outages, prob
-
-
 def run(
     policy: RolloutPolicy,
     cluster: FakeCluster,
@@ -67,7 +57,7 @@ def run(
             cluster.desired = desired.pop(0)[1]
         while crashes and crashes[0][0] <= cluster.now:
             cluster.crash_ready(crashes.pop(0)[1])
-        seen, weight = _peek(cluster), cluster.weight
+        seen, weight = cluster.snapshot(), cluster.weight
         decision = d.tick(cluster)
         if check:
             check(d, cluster, decision, seen, weight)
