@@ -258,6 +258,9 @@ class _Run:
         self.actions: list[Action] = []
         self.events: list[h.Event] = []
         self.scaled: set[str] = set()  # versions this decision scales: not yet observed
+        # each version's lowest target in this decision: what a scale-down removed stays gone
+        # (drains) even if a later action scales the version up again
+        self.low = {CURRENT: state.current_target, CANDIDATE: state.candidate_target}
 
     def state(self) -> RolloutState:
         return self.s
@@ -280,19 +283,26 @@ class _Run:
         self.s = replace(self.s, **changes)
 
     def _proj_ready(self, version: str) -> int:
-        """Ready replicas once targets below the ready count have been applied."""
-        return min(self.obs.of(version).ready, self.s.target(version))
+        """Ready replicas once this decision's actions are applied: a scale-down removes
+        starting replicas first, and replicas added since are not ready yet."""
+        return min(self.obs.of(version).ready, self.low[version])
 
     def _share(self) -> float | None:
         return candidate_share(self._proj_ready(CANDIDATE), self._proj_ready(CURRENT))
 
-    def _holding(self) -> int:
-        """Replicas holding a GPU once the targets are met: starting, ready and draining."""
+    def _draining(self) -> int:
+        """Replicas draining once this decision's actions are applied: those draining now and
+        those its scale-downs remove."""
         total = 0
         for v in (CURRENT, CANDIDATE):
             o = self.obs.of(v)
-            total += max(self.s.target(v), o.ready + o.starting) + o.draining
+            live = o.ready + o.starting
+            total += o.draining + live - min(live, self.low[v])
         return total
+
+    def _holding(self) -> int:
+        """Replicas holding a GPU once the targets are met: starting, ready and draining."""
+        return self._draining() + self.s.current_target + self.s.candidate_target
 
     def _cap(self) -> int:
         return self.n + headroom(self.s.policy, self.n)
@@ -331,6 +341,7 @@ class _Run:
         before = self._share()
         field_name = "current_target" if version == CURRENT else "candidate_target"
         self._update(**{field_name: replicas})
+        self.low[version] = min(self.low[version], replicas)
         after = self._share()
         if after is not None and before is not None and after < self.s.candidate_weight:
             self._set_weight(after, f"{version} scaling down")
@@ -491,7 +502,7 @@ class _Run:
             self._drop_requests("superseded by cancel")
             self._update(direction=Direction.BACKWARD, fast_forward=False)
             # candidates still starting carry no traffic: stop them now
-            ready = self.obs.candidate.ready
+            ready = self._proj_ready(CANDIDATE)
             if self.s.candidate_target > ready:
                 self._scale(CANDIDATE, ready, "cancel: stop candidates still starting")
             self._transition(Stage.BOUNDARY, "cancel: ramping back", Phase.PROGRESSING)
@@ -561,7 +572,7 @@ class _Run:
         if self.s.current_target == 0:
             return
         floor = max(1, ready_floor(self.s.policy, self.n))
-        if self.obs.candidate.ready >= floor:
+        if self._proj_ready(CANDIDATE) >= floor:
             self._scale(CURRENT, 0, "roll-forward: enough candidates ready")
             self._set_weight(1.0, "roll-forward")
             self._transition(Stage.SCALE_UP, "roll-forward: completing the candidate")
@@ -643,7 +654,7 @@ class _Run:
             self._transition(Stage.WAIT_HEALTHY)
             return
         room = self._cap() - self._holding()
-        draining = self.obs.current.draining + self.obs.candidate.draining
+        draining = self._draining()
         out = self.outgoing
         surplus = self.s.target(inc) + self.s.target(out) - self.n
         if room < need and surplus > 0:
@@ -666,7 +677,7 @@ class _Run:
         inc = self.incoming
         o = self.obs.of(inc)
         target = self.s.target(inc)
-        if o.ready >= target:
+        if self._proj_ready(inc) >= target:
             self._transition(Stage.SHIFT, f"{target} {inc} replicas healthy")
             return
         if self._deadline_passed():
@@ -722,7 +733,7 @@ class _Run:
             self._set_weight(share, "rollout complete")
         # a version is gone once observed gone after its last change, not in the decision that
         # scales it (a backend applying actions one by one may start and stop one meanwhile)
-        if out not in self.scaled and self.obs.of(out).holding == 0 and self.obs.of(inc).ready:
+        if out not in self.scaled and self.obs.of(out).holding == 0 and self._proj_ready(inc):
             outcome = Phase.SUCCEEDED if inc == CANDIDATE else Phase.CANCELLED
             self._finish(outcome, "all traffic on the " + inc)
         else:
@@ -741,9 +752,10 @@ class _Run:
             self._scale(CURRENT, self.s.current_target + min(need, room), "rollback")
         # without a ready current replica, removing candidates would strand traffic, unless
         # the mode's bound leaves the current version no room to start (unavailable, tiny pools)
-        no_room = cur.ready == 0 and cur.starting == 0 and room <= 0
-        if first or cur.ready > 0 or no_room:
-            if cur.ready > 0:
+        cur_ready = self._proj_ready(CURRENT)
+        no_room = cur_ready == 0 and cur.starting == 0 and room <= 0
+        if first or cur_ready > 0 or no_room:
+            if cur_ready > 0:
                 self._set_weight(0.0, "rollback")
             self._scale(CANDIDATE, 0, "rollback")
         done = (
@@ -751,7 +763,7 @@ class _Run:
             and CANDIDATE not in self.scaled
             and self.obs.candidate.holding == 0
             and self.s.current_target == n_current
-            and (first or cur.ready > 0)
+            and (first or cur_ready > 0)
         )
         if done:
             self._set_weight(0.0, "rollback")
