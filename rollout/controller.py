@@ -17,8 +17,8 @@ backend arrive as part of the observation (`errors`, `error`, `seen`); too many 
 the rollout and roll it back, as a missed deadline does.
 
 Targets are absolute replica counts (scale to N, never by a delta), so replaying a decision or
-retrying an action is harmless: after a failed iteration the next decision applies the whole
-state again.
+retrying an action is harmless: after a failed iteration the next decision applies the
+recorded state again, and only that.
 """
 
 from __future__ import annotations
@@ -232,19 +232,21 @@ def control(state: RolloutState, ctl: Control, now: float) -> tuple[RolloutState
 
 
 def decide(state: RolloutState, obs: Observation) -> Decision:
-    """The next state, actions and events. An unseen observation (observing failed) only
-    counts the failure: no control is taken and no action is emitted without counts."""
+    """The next state, actions and events. After a failed iteration a decision only applies
+    the recorded state again (the next one sees the result); an unseen observation (observing
+    failed) only counts the failure: no control is taken and no action emitted without counts."""
     if state.terminal:
         return Decision(state, (), ())
     run = _Run(state, obs)
     run.backend_errors()
-    if obs.seen:
-        run.reassert_weight()
+    if obs.seen and obs.errors:
+        run.reassert()
+        run.guard_weight()
+    elif obs.seen:
         run.resize()
         run.take_controls()
         run.advance()
         run.guard_weight()
-        run.reassert_targets()
     return Decision(run.state(), tuple(run.actions), tuple(run.events))
 
 
@@ -343,8 +345,11 @@ class _Run:
         self._update(**{field_name: replicas})
         self.low[version] = min(self.low[version], replicas)
         after = self._share()
-        if after is not None and before is not None and after < self.s.candidate_weight:
-            self._set_weight(after, f"{version} scaling down")
+        if after is not None and before is not None:
+            # never above the share before nor after (a crash may have lowered it since)
+            safe = min(before, after)
+            if safe < self.s.candidate_weight:
+                self._set_weight(safe, f"{version} scaling")
         self.actions.append(ScaleTo(version, replicas))
         self.scaled.add(version)
         self.events.append(h.Scaled(t=self.now, version=version, replicas=replicas, reason=reason))
@@ -408,12 +413,11 @@ class _Run:
         elif not failing:
             self._wait(f"applying again after a failed iteration: {obs.error}")
 
-    def reassert_weight(self) -> None:
-        """After a failed iteration some of its actions may be lost, so this decision applies
-        the whole state again: first the weight, never above the candidate's share of the
-        replicas ready now or once the targets hold; `reassert_targets` adds the targets."""
-        if self.obs.errors == 0:
-            return
+    def reassert(self) -> None:
+        """After a failed iteration some of its actions may be lost: apply the recorded state
+        again, and nothing else. The weight first, never above the candidate's share of the
+        replicas ready now nor once the targets hold; then the current version's target before
+        the candidate's, so the share only rises until the candidate's target applies."""
         shares = [
             x
             for x in (
@@ -423,23 +427,16 @@ class _Run:
             if x is not None
         ]
         weight = min([self.s.candidate_weight, *shares])
-        self.actions.append(SetWeight(weight))
         if weight != self.s.candidate_weight:
             self._update(candidate_weight=weight)
             self.events.append(
                 h.WeightSet(t=self.now, candidate_weight=weight, reason="after a failed iteration")
             )
-
-    def reassert_targets(self) -> None:
-        """Right after the re-applied weight: the target of each version this decision does
-        not scale itself (one it scales gets an absolute target anyway), the current version
-        before the candidate, so the candidate's share only rises until the decision's own
-        actions."""
-        if self.obs.errors == 0:
-            return
-        scaled = {a.version for a in self.actions if isinstance(a, ScaleTo)}
-        again = [ScaleTo(v, self.s.target(v)) for v in (CURRENT, CANDIDATE) if v not in scaled]
-        self.actions[1:1] = again  # after the weight, the first action of this decision
+        self.actions += [
+            SetWeight(weight),
+            ScaleTo(CURRENT, self.s.current_target),
+            ScaleTo(CANDIDATE, self.s.candidate_target),
+        ]
 
     def resize(self) -> None:
         """Desired scale changed: keep the split, resize both versions (proportional scaling)."""

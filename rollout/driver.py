@@ -54,7 +54,7 @@ class Driver:
 
     def tick(self, backend: Backend) -> c.Decision:
         """One iteration. A decision is recorded before its actions are applied: if applying
-        fails, the next one applies the whole state again. Only the decision that ends the
+        fails, the next one applies the recorded state again. Only the decision that ends the
         rollout is recorded after applying, so a rollout never ends with its last actions
         lost; a failed one is decided again."""
         try:

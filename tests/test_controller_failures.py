@@ -148,6 +148,8 @@ def test_the_decision_that_ends_a_rollout_is_kept_only_once_applied():
     ended = d.tick(backend)
     assert not d.done and ended.actions == () and d.errors == 1
     backend.broken = False
+    d.tick(backend)  # applies the recorded state again, nothing else
+    assert not d.done
     d.tick(backend)
     assert d.done and d.state.phase is c.Phase.SUCCEEDED
     assert [e.kind for e in d.history].count("finished") == 1
