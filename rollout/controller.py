@@ -17,8 +17,8 @@ backend arrive as part of the observation (`errors`, `error`, `seen`); too many 
 the rollout and roll it back, as a missed deadline does.
 
 Targets are absolute replica counts (scale to N, never by a delta), so replaying a decision or
-retrying an action is harmless: after a failed iteration the next decision applies the
-recorded state again, and only that.
+retrying an action is harmless: after a failed iteration the next decision first applies the
+recorded state again.
 """
 
 from __future__ import annotations
@@ -232,17 +232,19 @@ def control(state: RolloutState, ctl: Control, now: float) -> tuple[RolloutState
 
 
 def decide(state: RolloutState, obs: Observation) -> Decision:
-    """The next state, actions and events. After a failed iteration a decision only applies
-    the recorded state again (the next one sees the result); an unseen observation (observing
-    failed) only counts the failure: no control is taken and no action emitted without counts."""
+    """The next state, actions and events.
+
+    An unseen observation (observing failed) only counts the failure: no control is taken and
+    no action emitted without counts. After a failed iteration (some actions may be lost) a
+    decision first applies the recorded state again, then decides as usual.
+    """
     if state.terminal:
         return Decision(state, (), ())
     run = _Run(state, obs)
     run.backend_errors()
-    if obs.seen and obs.errors:
-        run.reassert()
-        run.guard_weight()
-    elif obs.seen:
+    if obs.seen:
+        if obs.errors:
+            run.reassert()
         run.resize()
         run.take_controls()
         run.advance()
@@ -260,9 +262,17 @@ class _Run:
         self.actions: list[Action] = []
         self.events: list[h.Event] = []
         self.scaled: set[str] = set()  # versions this decision scales: not yet observed
-        # each version's lowest target in this decision: what a scale-down removed stays gone
-        # (drains) even if a later action scales the version up again
-        self.low = {CURRENT: state.current_target, CANDIDATE: state.candidate_target}
+        # per version, replaying this decision's scale actions in order: the replicas live
+        # (targets not yet met count as live: the backend starts them), those the actions put
+        # to drain, and the lowest target (a replica a scale-down removed stays gone even if a
+        # later action scales the version up again: the new ones are not ready)
+        self.live: dict[str, int] = {}
+        self.dropped = {CURRENT: 0, CANDIDATE: 0}
+        self.low: dict[str, int] = {}
+        for v in (CURRENT, CANDIDATE):
+            o = obs.of(v)
+            self.live[v] = max(o.ready + o.starting, state.target(v))
+            self.low[v] = state.target(v)
 
     def state(self) -> RolloutState:
         return self.s
@@ -295,16 +305,18 @@ class _Run:
     def _draining(self) -> int:
         """Replicas draining once this decision's actions are applied: those draining now and
         those its scale-downs remove."""
-        total = 0
-        for v in (CURRENT, CANDIDATE):
-            o = self.obs.of(v)
-            live = o.ready + o.starting
-            total += o.draining + live - min(live, self.low[v])
-        return total
+        return sum(self.obs.of(v).draining + self.dropped[v] for v in (CURRENT, CANDIDATE))
 
     def _holding(self) -> int:
         """Replicas holding a GPU once the targets are met: starting, ready and draining."""
-        return self._draining() + self.s.current_target + self.s.candidate_target
+        return self._draining() + self.live[CURRENT] + self.live[CANDIDATE]
+
+    def _record_scale(self, version: str, replicas: int) -> None:
+        self.actions.append(ScaleTo(version, replicas))
+        self.scaled.add(version)
+        self.dropped[version] += max(0, self.live[version] - replicas)
+        self.live[version] = replicas
+        self.low[version] = min(self.low[version], replicas)
 
     def _cap(self) -> int:
         return self.n + headroom(self.s.policy, self.n)
@@ -350,8 +362,7 @@ class _Run:
             safe = min(before, after)
             if safe < self.s.candidate_weight:
                 self._set_weight(safe, f"{version} scaling")
-        self.actions.append(ScaleTo(version, replicas))
-        self.scaled.add(version)
+        self._record_scale(version, replicas)
         self.events.append(h.Scaled(t=self.now, version=version, replicas=replicas, reason=reason))
         if after is not None and self._proj_ready(CURRENT) == 0:
             self._set_weight(1.0, "no ready current replica left")
@@ -414,10 +425,10 @@ class _Run:
             self._wait(f"applying again after a failed iteration: {obs.error}")
 
     def reassert(self) -> None:
-        """After a failed iteration some of its actions may be lost: apply the recorded state
-        again, and nothing else. The weight first, never above the candidate's share of the
-        replicas ready now nor once the targets hold; then the current version's target before
-        the candidate's, so the share only rises until the candidate's target applies."""
+        """After a failed iteration some actions may be lost: first apply the recorded state
+        again, then decide as usual. The weight first, never above the candidate's share of
+        the replicas ready now nor once the targets hold; then the current version's target
+        before the candidate's, so the share only rises until the candidate's target holds."""
         shares = [
             x
             for x in (
@@ -432,11 +443,9 @@ class _Run:
             self.events.append(
                 h.WeightSet(t=self.now, candidate_weight=weight, reason="after a failed iteration")
             )
-        self.actions += [
-            SetWeight(weight),
-            ScaleTo(CURRENT, self.s.current_target),
-            ScaleTo(CANDIDATE, self.s.candidate_target),
-        ]
+        self.actions.append(SetWeight(weight))
+        for v in (CURRENT, CANDIDATE):
+            self._record_scale(v, self.s.target(v))
 
     def resize(self) -> None:
         """Desired scale changed: keep the split, resize both versions (proportional scaling)."""

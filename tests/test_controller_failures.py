@@ -148,7 +148,7 @@ def test_the_decision_that_ends_a_rollout_is_kept_only_once_applied():
     ended = d.tick(backend)
     assert not d.done and ended.actions == () and d.errors == 1
     backend.broken = False
-    d.tick(backend)  # applies the recorded state again, nothing else
+    d.tick(backend)  # applies the recorded state again: not the decision that ends it
     assert not d.done
     d.tick(backend)
     assert d.done and d.state.phase is c.Phase.SUCCEEDED
