@@ -214,3 +214,45 @@ def test_an_unseen_observation_takes_no_control_and_emits_no_action():
     assert d.actions == () and d.state.pending == (c.Control.CANCEL,)
     assert [e.reason for e in d.events] == ["cannot observe the cluster: timed out"]
     assert replace(d.state, waiting="") == state
+
+
+class RejectsCandidate:
+    """Serve rejecting the candidate's config: every apply that would leave a candidate
+    replica fails, and applies nothing."""
+
+    def __init__(self, cluster: FakeCluster) -> None:
+        self.cluster = cluster
+
+    def clock(self) -> float:
+        return self.cluster.clock()
+
+    def observe(self) -> c.Observation:
+        return self.cluster.observe()
+
+    def apply(self, actions: Sequence[c.Action]) -> None:
+        scaled = [
+            a.replicas for a in actions if isinstance(a, c.ScaleTo) and a.version == "candidate"
+        ]
+        if (scaled[-1] if scaled else self.cluster.targets[c.CANDIDATE]) > 0:
+            raise BackendError("the candidate's config was rejected")
+        self.cluster.apply(actions)
+
+
+def test_a_rejected_candidate_config_fails_the_rollout_and_the_rollback_goes_through():
+    """The step's scale-up keeps failing; the sixth failure in a row fails the rollout, and
+    the rollback, whose config has no candidate, is accepted."""
+    cl = FakeCluster(desired=10, start_delay=(5, 5))
+    backend = RejectsCandidate(cl)
+    d = Driver.begin(RolloutPolicy(max_surge_percent=25), 10, 0.0)
+    for _ in range(20):
+        d.tick(backend)
+        if d.done:
+            break
+        cl.advance(1.0)
+    assert d.state.phase is c.Phase.FAILED
+    assert d.state.failure == (
+        "6 iterations in a row failed (at most 5 tolerated); "
+        "the last: the candidate's config was rejected"
+    )
+    assert cl.count(c.CURRENT).ready == 10 and cl.count(c.CANDIDATE).holding == 0
+    assert cl.weight == 0.0
