@@ -104,8 +104,10 @@ class Flaky:
     def apply(self, actions: Sequence[c.Action]) -> None:
         if self.broken:
             self.cluster.apply(actions[: self.prefix])
-            raise BackendError("deploy_apps timed out")
+            raise BackendError(self.message)
         self.cluster.apply(actions)
+
+    message = "deploy_apps timed out"
 
 
 def test_a_failed_apply_is_recorded_and_the_next_decision_applies_the_whole_state():
@@ -216,26 +218,18 @@ def test_an_unseen_observation_takes_no_control_and_emits_no_action():
     assert replace(d.state, waiting="") == state
 
 
-class RejectsCandidate:
+class RejectsCandidate(Flaky):
     """Serve rejecting the candidate's config: every apply that would leave a candidate
     replica fails, and applies nothing."""
 
-    def __init__(self, cluster: FakeCluster) -> None:
-        self.cluster = cluster
-
-    def clock(self) -> float:
-        return self.cluster.clock()
-
-    def observe(self) -> c.Observation:
-        return self.cluster.observe()
+    message = "the candidate's config was rejected"
 
     def apply(self, actions: Sequence[c.Action]) -> None:
         scaled = [
-            a.replicas for a in actions if isinstance(a, c.ScaleTo) and a.version == "candidate"
+            a.replicas for a in actions if isinstance(a, c.ScaleTo) and a.version == c.CANDIDATE
         ]
-        if (scaled[-1] if scaled else self.cluster.targets[c.CANDIDATE]) > 0:
-            raise BackendError("the candidate's config was rejected")
-        self.cluster.apply(actions)
+        self.broken = (scaled[-1] if scaled else self.cluster.targets[c.CANDIDATE]) > 0
+        super().apply(actions)
 
 
 def test_a_rejected_candidate_config_fails_the_rollout_and_the_rollback_goes_through():
