@@ -228,7 +228,7 @@ class TestControls:
         far longer than the test), the remaining two are replaced in one more step."""
         c = ray_cluster
         rollout_id, old, new = self._start(c, stabilization_s=600)
-        before = c.status(rollout_id)
+        before = c.peek(rollout_id)
         assert (before["step"], before["steps"]) == (1, 3)
         assert c.cli("roll-forward", rollout_id).returncode == 0
         end = self._ended(c, rollout_id)
