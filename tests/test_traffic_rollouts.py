@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import select
 import shutil
 import subprocess
 import sys
@@ -457,11 +458,17 @@ def test_llm_rollout_under_trace_replay(ray_cluster: RayCluster, llm: Path) -> N
     replay = c.popen("load", str(trace), "--url", f"http://127.0.0.1:{c.port}/{LLM}",
                      "--time-scale", "2", "--start-s", "240", "--duration-s", "90",
                      "--out", str(out))  # fmt: skip
-    time.sleep(4)
+    # deploy v2 once the replay is sending (its start on a busy machine takes seconds)
+    assert replay.stderr is not None
+    ready, _, _ = select.select([replay.stderr], [], [], 60)
+    assert ready, "the replay did not start within 60 s"
+    announced = replay.stderr.readline()
+    assert announced.startswith("replaying "), announced
+    time.sleep(2)
     done = c.cli("deploy", str(llm_file(c, llm, "v2")))
     assert done.returncode == 0, done.stdout + done.stderr
     stdout, stderr = replay.communicate(timeout=120)
-    assert replay.returncode == 0, stdout + stderr
+    assert replay.returncode == 0, stdout + announced + stderr
     df = pd.read_parquet(out / "requests.parquet")
     assert len(df) > 250
     assert not df["dropped"].any(), df[df["dropped"]][["status", "error"]].head()
