@@ -28,6 +28,8 @@ TIMELINE = [
     "candidate_draining",
     "pending_gpu",
     "gpus_in_use",
+    "on_demand_gpus_in_use",
+    "on_demand_nodes",
     "candidate_weight",
     "desired_replicas",
 ]
@@ -41,6 +43,7 @@ REQUESTS = [
     "version",
     "replica_id",
     "dropped",
+    "failed",
 ]
 SUMMARY = [
     "requests",
@@ -52,6 +55,12 @@ SUMMARY = [
     "rollout_duration_s",
     "gpu_hours",
     "cost_usd",
+    "failed",
+    "billing",
+    "cost_gpu_usd",
+    "cost_on_demand_usd",
+    "on_demand_node_hours",
+    "reserve_gpus",
     "peak_gpus",
     "min_ready_replicas",
     "outcome",
@@ -104,7 +113,7 @@ def test_simulate_writes_every_output(tmp_path):
     assert set(SUMMARY) <= set(summary)
     assert summary["outcome"] == "succeeded"
     assert summary["policy"] == "surge=25 stab=0"
-    assert summary["requests"] == summary["completed"] + summary["dropped"]
+    assert summary["requests"] == summary["completed"] + summary["dropped"] + summary["failed"]
     requests = pd.read_parquet(out / "requests.parquet")
     assert list(requests.columns) == REQUESTS
     assert len(requests) == summary["requests"]

@@ -46,7 +46,7 @@ def test_seven_fractional_digits_are_kept(tmp_path):
 def test_arrival_seconds_and_time_scale(tmp_path):
     path = tmp_path / "t.csv"
     path.write_text("arrival_s\n5\n7\n11\n")
-    trace = load_trace(TraceSpec(path=path, time_scale=2.0))
+    trace = load_trace(TraceSpec(path=path, time_scale=2.0, resample=False))
     assert trace.arrival_s.tolist() == [0.0, 1.0, 3.0]  # from the first request, twice as fast
     assert not trace.has_tokens
 
