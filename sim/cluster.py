@@ -25,12 +25,29 @@ import simpy
 from rollout.controller import VersionObservation
 from rollout.scenario import FaultSpec
 from sim.coldstart import ColdStart
-from sim.gpus import GpuSupply
+from sim.gpus import GpuSupply, Node
 from sim.replica import Replica, State
 from sim.router import Router
 
 # scale-down order: replicas without traffic first (waiting, then starting), then ready ones
+# node by node, the nodes with the fewest replicas first (as Serve does, so that nodes empty and
+# can go; on-demand nodes before reserved ones on a tie), within a node those with the fewest
+# requests in flight (they drain fastest), newest first
 _REMOVE_RANK = {State.PENDING_GPU: 0, State.STARTING: 1, State.READY: 2}
+
+
+def _removal_order(rep: Replica) -> tuple[int, int, int, int, int, int]:
+    node = rep.node
+    if not isinstance(node, Node):
+        return (_REMOVE_RANK[rep.state], 0, 0, 0, rep.ongoing, -rep.id)
+    return (
+        _REMOVE_RANK[rep.state],
+        node.used,
+        0 if node.on_demand else 1,
+        node.index,
+        rep.ongoing,
+        -rep.id,
+    )
 
 
 class Faults:
@@ -115,7 +132,7 @@ class Cluster:
             for _ in range(n - len(live)):
                 self._start(version)
         elif len(live) > n:
-            live.sort(key=lambda r: (_REMOVE_RANK[r.state], r.ongoing, -r.id))
+            live.sort(key=_removal_order)
             for rep in live[: len(live) - n]:
                 self._remove(rep)
         else:

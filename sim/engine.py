@@ -65,7 +65,7 @@ class EngineModel:
     dt: list[float]  # decode seconds per iteration by batch size, up to len(dt) - 1 ...
     dt_last: float  # ... and this beyond
     prefill: memoryview  # seconds per request
-    tokens: memoryview  # generated tokens per request (float)
+    tokens: memoryview  # generated tokens per request
     kv_need: memoryview | None  # context + generated tokens per request
     warm_requests: int
     warm_factor: float
@@ -105,20 +105,25 @@ class EngineModel:
 
 class Engine:
     """One replica's engine. The router calls `admit` for each request it routes here and
-    `wake` at `next_time()`; both return nothing but may finish requests, which `wake`
-    returns. `scheduled` is the time (and `ticket` the id) of the router's valid heap entry."""
+    `wake` at `next_t`, the time of the engine's next finish (kept up to date by both);
+    `wake` returns the requests that finished. `scheduled` is the time (and `ticket` the id)
+    of the router's valid heap entry for this engine.
+
+    Prefills need no events of their own: while the replica prefills, the virtual clock stands
+    still, so a request can join the batch's heap at admission with its target `v + n` and a
+    stall of its prefill's length appended to the replica's (`stall_end`). Its first token is
+    out when the stall that includes its prefill ends; a finish is never due before the stall
+    ends, since no token is decoded during it.
+    """
 
     __slots__ = (
         "heap",
         "kv",
         "m",
-        "pf_end",
-        "pf_k",
-        "pf_n",
-        "prefills",
+        "next_t",
         "queue",
-        "running",
         "scheduled",
+        "stall_end",
         "ticket",
         "tv",
         "v",
@@ -128,150 +133,106 @@ class Engine:
     def __init__(self, model: EngineModel) -> None:
         self.m = model
         self.queue: deque[int] = deque()  # routed here, not yet running
-        self.prefills: deque[tuple[int, float, float]] = deque()  # (request, seconds, factor)
-        self.pf_k = -1  # the request prefilling now, or -1
-        self.pf_end = INF
-        self.pf_n = 0.0  # its tokens to decode
-        self.heap: list[tuple[float, int]] = []  # (virtual finish, request) of decoding ones
+        self.heap: list[tuple[float, int]] = []  # (virtual finish, request) of running ones
         self.v = 0.0  # tokens each decoding sequence has gained (virtual clock)
         self.tv = 0.0  # real time at which v was last brought up to date
-        self.running = 0  # prefilling + decoding + waiting to prefill
+        self.stall_end = -INF  # prefills stall decoding until then
         self.kv = 0.0
         self.warm_left = model.warm_requests
+        self.next_t = INF
         self.scheduled = INF
         self.ticket = 0
 
-    # ---- the router's calls ------------------------------------------------------------------
+    def admit(self, k: int, t: float, head: bool = False) -> bool:
+        """Request k is routed here at t: it starts now (True), or waits in the replica's FIFO
+        queue. `head`: k is the queue's head, retried; it stays there if there is no room.
 
-    def admit(self, k: int, t: float) -> None:
-        if self.queue or not self._room(k):
-            self.queue.append(k)
-        else:
-            self._start(k, t)
-
-    def next_time(self) -> float:
-        if self.pf_k >= 0:
-            return self.pf_end
+        Starting books the decoding done so far, then appends k's prefill to the stall and puts
+        k in the batch (the hot path: no calls inside). A request larger than the whole KV
+        cache runs alone rather than never."""
+        m = self.m
         heap = self.heap
-        if not heap:
-            return INF
         n = len(heap)
-        m = self.m
-        dt = m.dt[n] if n < len(m.dt) else m.dt_last
-        return self.tv + (heap[0][0] - self.v) * dt
-
-    def wake(self, t: float) -> list[int]:
-        """Bring the engine to time t (its scheduled event); returns the requests finished."""
-        done: list[int] = []
-        m = self.m
-        heap = self.heap
-        if self.pf_k >= 0:
-            if self.pf_end > t:
-                return done
-            self._end_prefill()
-            if self.pf_k >= 0 or not heap:
-                return done
-        elif heap:
-            n = len(heap)
-            dt = m.dt[n] if n < len(m.dt) else m.dt_last
-            v = self.v + (t - self.tv) / dt
-            if heap[0][0] - v <= _DUE:
-                v = max(v, heap[0][0])
-                end = m.end
-                kvn = m.kv_need
-                while heap and heap[0][0] - v <= _DUE:
-                    _, k = heappop(heap)
-                    end[k] = t
-                    done.append(k)
-                    if kvn is not None:
-                        self.kv -= kvn[k]
-                self.running -= len(done)
-            self.v = 0.0 if not heap else v
-            self.tv = t
-            if done:
-                self._fill(t)
-        return done
-
-    def kill(self) -> list[int]:
-        """The replica died (crash, or its drain deadline passed): everything in it is lost."""
-        lost = list(self.queue)
-        lost += [k for k, _, _ in self.prefills]
-        if self.pf_k >= 0:
-            lost.append(self.pf_k)
-        lost += [k for _, k in self.heap]
-        self.queue.clear()
-        self.prefills.clear()
-        self.heap.clear()
-        self.pf_k = -1
-        self.pf_end = INF
-        self.running = 0
-        self.kv = 0.0
-        self.scheduled = INF
-        return lost
-
-    # ---- inside ------------------------------------------------------------------------------
-
-    def _room(self, k: int) -> bool:
-        m = self.m
-        if self.running >= m.max_seqs:
-            return False
         kvn = m.kv_need
-        if kvn is None:
-            return True
-        # a request larger than the whole cache runs alone rather than never
-        return self.kv + kvn[k] <= m.kv_capacity or self.running == 0
-
-    def _fill(self, t: float) -> None:
-        queue = self.queue
-        while queue and self._room(queue[0]):
-            self._start(queue.popleft(), t)
-
-    def _start(self, k: int, t: float) -> None:
-        m = self.m
-        self.running += 1
-        if m.kv_need is not None:
-            self.kv += m.kv_need[k]
-        m.start[k] = t
+        if (
+            (self.queue and not head)
+            or n >= m.max_seqs
+            or (kvn is not None and n and self.kv + kvn[k] > m.kv_capacity)
+        ):
+            if not head:
+                self.queue.append(k)
+            return False
+        dts = m.dt
+        se = self.stall_end
+        v = self.v
+        if n:
+            tv = self.tv if self.tv > se else se
+            if t > tv:
+                v += (t - tv) / (dts[n] if n < len(dts) else m.dt_last)
+                self.v = v
+        self.tv = t
         f = 1.0
         if self.warm_left:
             self.warm_left -= 1
             f = m.warm_factor
-        p = m.prefill[k] * f
-        if self.pf_k < 0:
-            self._advance(t)
-            if p == 0.0:  # nothing to prefill: straight into the batch
-                m.first[k] = t
-                heappush(self.heap, (self.v + m.tokens[k] * f, k))
-            else:
-                self.pf_k, self.pf_end, self.pf_n = k, t + p, m.tokens[k] * f
-        else:
-            self.prefills.append((k, p, f))
+        se = (se if se > t else t) + m.prefill[k] * f
+        self.stall_end = se
+        m.start[k] = t
+        m.first[k] = se
+        if kvn is not None:
+            self.kv += kvn[k]
+        heappush(heap, (v + m.tokens[k] * f, k))
+        n += 1
+        self.next_t = se + (heap[0][0] - v) * (dts[n] if n < len(dts) else m.dt_last)
+        return True
 
-    def _advance(self, t: float) -> None:
-        """Decode progress up to t (called before the batch changes or decoding stalls)."""
+    def wake(self, t: float) -> list[int]:
+        """Bring the engine to time t (its scheduled event); returns the requests finished."""
         heap = self.heap
-        if heap and self.pf_k < 0:
-            n = len(heap)
-            m = self.m
-            dt = m.dt[n] if n < len(m.dt) else m.dt_last
-            self.v += (t - self.tv) / dt
-        self.tv = t
-
-    def _end_prefill(self) -> None:
-        """The prefill(s) due by now end: each request joins the batch; the next one starts."""
+        if not heap or t < self.stall_end:
+            return []
         m = self.m
-        t = self.pf_end
-        k = self.pf_k
-        m.first[k] = t
-        heappush(self.heap, (self.v + self.pf_n, k))
-        prefills = self.prefills
-        while prefills:
-            k, p, f = prefills.popleft()
-            if p > 0.0:
-                self.pf_k, self.pf_end, self.pf_n = k, t + p, m.tokens[k] * f
-                return
-            m.first[k] = t
-            heappush(self.heap, (self.v + m.tokens[k] * f, k))
-        self.pf_k = -1
-        self.pf_end = INF
-        self.tv = t  # decoding resumes now
+        dts = m.dt
+        n = len(heap)
+        dt = dts[n] if n < len(dts) else m.dt_last
+        tv = self.tv if self.tv > self.stall_end else self.stall_end
+        v = self.v
+        if t > tv:
+            v += (t - tv) / dt
+        self.tv = t
+        top = heap[0][0]
+        if top - v > _DUE:  # not due: an early wake-up
+            self.v = v
+            self.next_t = t + (top - v) * dt
+            return []
+        if v < top:
+            v = top
+        end = m.end
+        kvn = m.kv_need
+        done: list[int] = []
+        while heap and heap[0][0] - v <= _DUE:
+            k = heappop(heap)[1]
+            end[k] = t
+            done.append(k)
+            if kvn is not None:
+                self.kv -= kvn[k]
+        self.v = v if heap else 0.0
+        queue = self.queue
+        while queue and self.admit(queue[0], t, head=True):
+            queue.popleft()
+        if heap:
+            n = len(heap)
+            tv = t if t > self.stall_end else self.stall_end
+            self.next_t = tv + (heap[0][0] - self.v) * (dts[n] if n < len(dts) else m.dt_last)
+        else:
+            self.next_t = INF
+        return done
+
+    def kill(self) -> list[int]:
+        """The replica died (crash, or its drain deadline passed): everything in it is lost."""
+        lost = list(self.queue) + [k for _, k in self.heap]
+        self.queue.clear()
+        self.heap.clear()
+        self.kv = 0.0
+        self.next_t = self.scheduled = INF
+        return lost

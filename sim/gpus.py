@@ -23,9 +23,10 @@ from sim.replica import Replica
 
 
 class Node:
-    __slots__ = ("gpus", "on_demand", "up", "used")
+    __slots__ = ("gpus", "index", "on_demand", "up", "used")
 
-    def __init__(self, gpus: int, *, on_demand: bool = False, up: bool = True) -> None:
+    def __init__(self, index: int, gpus: int, *, on_demand: bool = False, up: bool = True) -> None:
+        self.index = index  # in order of creation
         self.gpus = gpus
         self.used = 0
         self.on_demand = on_demand
@@ -46,7 +47,8 @@ class GpuSupply:
         self.per_replica = fleet.gpus_per_replica
         per_node = fleet.gpus_per_node or fleet.gpu_capacity
         count = fleet.gpu_capacity // per_node if per_node else 0
-        self.reserved = [Node(per_node) for _ in range(count)]
+        self.reserved = [Node(i, per_node) for i in range(count)]
+        self.nodes_made = count
         self.per_node = fleet.gpus_per_node or 0
         self.on_demand_spec = fleet.on_demand
         self.provision = provision
@@ -120,7 +122,8 @@ class GpuSupply:
         short = self.per_replica * len(self.waiting) - coming
         nodes = min(math.ceil(short / self.per_node), spec.max_nodes - len(self.on_demand))
         for _ in range(max(0, nodes)):
-            node = Node(self.per_node, on_demand=True, up=False)
+            node = Node(self.nodes_made, self.per_node, on_demand=True, up=False)
+            self.nodes_made += 1
             self.on_demand.append(node)
             ev = self.env.timeout(self.provision.sample())
             ev.callbacks.append(lambda _, node=node: self._node_up(node))

@@ -111,7 +111,7 @@ class Router:
             return EngineModel.build(
                 work.spec,
                 memoryview(np.ascontiguousarray(work.prefill, dtype=float)),
-                memoryview(np.ascontiguousarray(work.tokens, dtype=float)),
+                memoryview(work.tokens),
                 kv,
                 (self.start, self.first, self.end),
             )
@@ -225,7 +225,14 @@ class Router:
         eng = rep.engine
         if eng is not None:
             eng.admit(k, now)
-            self._schedule(eng, rep)
+            t = eng.next_t
+            # an entry already due earlier stays: when it fires, the engine reschedules (a
+            # prefill only ever pushes the next finish later, so this saves a stale entry)
+            if t < eng.scheduled:
+                eng.scheduled = t
+                self.tickets -= 1
+                eng.ticket = self.tickets
+                heapq.heappush(self.heap, (t, self.tickets, rep))
             return
         svc = self.models[rep.version]
         factor = 1.0 + svc.slowdown * (rep.ongoing - 1) if svc.slowdown else 1.0
@@ -236,7 +243,8 @@ class Router:
         heapq.heappush(self.heap, (end, k, rep))
 
     def _schedule(self, eng: Engine, rep: Replica) -> None:
-        t = eng.next_time()
+        """Keep one valid heap entry for the engine, at its next finish."""
+        t = eng.next_t
         if t != eng.scheduled:
             eng.scheduled = t
             if t < INF:
@@ -284,6 +292,9 @@ class Router:
                         if key != eng.ticket:
                             continue  # stale: the engine's next event moved since
                         eng.scheduled = INF
+                        if eng.next_t > t:  # early: a prefill since pushed the finish later
+                            schedule(eng, rep)
+                            continue
                         done = eng.wake(t)
                     drained = False
                     for _ in done:

@@ -38,7 +38,8 @@ class ServiceTimes:
 @dataclass(frozen=True)
 class EngineWork:
     """Per-request work for the engine kind: prefill seconds, tokens to decode and, with a
-    KV-cache limit, the tokens the request holds in the cache (context + generated)."""
+    KV-cache limit, the tokens the request holds in the cache (context + generated). Token
+    counts stay integer arrays (4 or 8 bytes a request)."""
 
     spec: EngineSpec
     prefill: np.ndarray
@@ -70,8 +71,8 @@ def service_times(spec: ServiceSpec, trace: Trace, seed: int) -> Work:
         prefill = ctx * (engine.prefill_s_per_1k_tokens / 1000.0)
         kv_need = None
         if engine.kv_cache_tokens is not None:
-            kv_need = (ctx + gen).astype(float)
-        return EngineWork(engine, prefill, gen.astype(float), kv_need)
+            kv_need = np.ascontiguousarray(ctx + gen)
+        return EngineWork(engine, prefill, np.ascontiguousarray(gen), kv_need)
     if spec.kind == "deterministic":
         return ServiceTimes(np.full(n, spec.mean_s))
     if spec.kind == "llm":
