@@ -24,6 +24,8 @@ from collections import deque
 from dataclasses import dataclass
 from heapq import heappop, heappush
 
+import numpy as np
+
 from rollout.scenario import EngineSpec
 
 INF = math.inf
@@ -62,8 +64,8 @@ class EngineModel:
 
     max_seqs: float  # INF: no limit
     kv_capacity: float  # INF: no limit
-    dt: list[float]  # decode seconds per iteration by batch size, up to len(dt) - 1 ...
-    dt_last: float  # ... and this beyond
+    dt: list[float]  # decode seconds per iteration by batch size (index k)
+    dt_last: float  # the flat value beyond the table's last point
     prefill: memoryview  # seconds per request
     tokens: memoryview  # generated tokens per request
     kv_need: memoryview | None  # context + generated tokens per request
@@ -83,10 +85,16 @@ class EngineModel:
         results: tuple[memoryview, memoryview, memoryview],
     ) -> EngineModel:
         assert spec.decode_s_per_token is not None  # completed by EngineSpec.with_profile
-        upto = max(spec.decode_s_per_token)
+        # every batch size the engine can hold has its entry (no bounds check on the hot
+        # path); without a batch limit the table grows as batches do (Engine._grow)
+        upto = max(spec.decode_s_per_token) + 1
         if spec.max_num_seqs is not None:
-            upto = max(upto, spec.max_num_seqs)
+            upto = max(upto, spec.max_num_seqs + 1)
         dt = decode_times(spec.decode_s_per_token, upto)
+        seqs, cache = spec.max_num_seqs, spec.kv_cache_tokens
+        if kv_need is not None and seqs is not None and cache is not None and len(kv_need):
+            largest = int(np.max(np.asarray(kv_need)))
+            kv_need = None if seqs * largest <= cache else kv_need  # can never bind: no books
         return cls(
             max_seqs=INF if spec.max_num_seqs is None else spec.max_num_seqs,
             kv_capacity=INF if spec.kv_cache_tokens is None else spec.kv_cache_tokens,
@@ -106,8 +114,8 @@ class EngineModel:
 class Engine:
     """One replica's engine. The router calls `admit` for each request it routes here and
     `wake` at `next_t`, the time of the engine's next finish (kept up to date by both);
-    `wake` returns the requests that finished. `scheduled` is the time (and `ticket` the id)
-    of the router's valid heap entry for this engine.
+    `wake` returns the requests that finished. `scheduled` is the time of the router's valid
+    heap entry for this engine (an entry at another time is stale).
 
     Prefills need no events of their own: while the replica prefills, the virtual clock stands
     still, so a request can join the batch's heap at admission with its target `v + n` and a
@@ -124,7 +132,6 @@ class Engine:
         "queue",
         "scheduled",
         "stall_end",
-        "ticket",
         "tv",
         "v",
         "warm_left",
@@ -141,7 +148,6 @@ class Engine:
         self.warm_left = model.warm_requests
         self.next_t = INF
         self.scheduled = INF
-        self.ticket = 0
 
     def admit(self, k: int, t: float, head: bool = False) -> bool:
         """Request k is routed here at t: it starts now (True), or waits in the replica's FIFO
@@ -163,12 +169,14 @@ class Engine:
                 self.queue.append(k)
             return False
         dts = m.dt
+        if n + 1 >= len(dts):
+            dts.extend([m.dt_last] * len(dts))  # no batch limit: a larger batch than ever
         se = self.stall_end
         v = self.v
         if n:
             tv = self.tv if self.tv > se else se
             if t > tv:
-                v += (t - tv) / (dts[n] if n < len(dts) else m.dt_last)
+                v += (t - tv) / dts[n]
                 self.v = v
         self.tv = t
         f = 1.0
@@ -182,8 +190,7 @@ class Engine:
         if kvn is not None:
             self.kv += kvn[k]
         heappush(heap, (v + m.tokens[k] * f, k))
-        n += 1
-        self.next_t = se + (heap[0][0] - v) * (dts[n] if n < len(dts) else m.dt_last)
+        self.next_t = se + (heap[0][0] - v) * dts[n + 1]
         return True
 
     def wake(self, t: float) -> list[int]:
@@ -193,8 +200,7 @@ class Engine:
             return []
         m = self.m
         dts = m.dt
-        n = len(heap)
-        dt = dts[n] if n < len(dts) else m.dt_last
+        dt = dts[len(heap)]
         tv = self.tv if self.tv > self.stall_end else self.stall_end
         v = self.v
         if t > tv:
@@ -221,9 +227,8 @@ class Engine:
         while queue and self.admit(queue[0], t, head=True):
             queue.popleft()
         if heap:
-            n = len(heap)
             tv = t if t > self.stall_end else self.stall_end
-            self.next_t = tv + (heap[0][0] - self.v) * (dts[n] if n < len(dts) else m.dt_last)
+            self.next_t = tv + (heap[0][0] - self.v) * dts[len(heap)]
         else:
             self.next_t = INF
         return done

@@ -59,6 +59,11 @@ class Replica:
         self.stop_reason = ""  # removed | start_failed | crashed | drain_timeout
         self.granted: simpy.Event | None = None
 
+    def __lt__(self, other: Replica) -> bool:
+        """Heap entries tie on (time, key) only for one replica's stale duplicates; any order
+        will do, but the comparison must exist."""
+        return False
+
     def __repr__(self) -> str:
         name = VERSION_NAMES[self.version]
         return f"Replica({self.id}, {name}, {self.state.name}, ongoing={self.ongoing})"

@@ -22,9 +22,9 @@ Routing, as Ray Serve does it for a weighted pair of deployments:
    stamped with their deadline.
 
 Heap events: `(end, request, replica)` for fixed-time service kinds (one per request), and
-`(time, -ticket, replica)` for a replica's engine (`sim/engine.py`), whose next event moves
-whenever its batch changes; an entry whose ticket is no longer the engine's is stale and
-skipped.
+`(time, -1 - replica id, replica)` for a replica's engine (`sim/engine.py`), whose next event
+moves whenever its batch changes; an entry at another time than the engine's `scheduled` is
+stale and skipped.
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ class Router:
         n = len(arrivals)
         self.n = n
         self.arrival_s = np.ascontiguousarray(arrivals, dtype=float)
-        self.arrivals = memoryview(self.arrival_s)
+        # read through a copy that ends in an infinite sentinel: no bounds check per arrival
+        self.arrivals = memoryview(np.append(self.arrival_s, math.inf))
         # result columns, written through memoryviews (as fast as lists, 8 bytes a value)
         self.start_s = np.full(n, np.nan)
         self.end_s = np.full(n, np.nan)
@@ -95,7 +96,6 @@ class Router:
         self.weight = 0.0  # the candidate's share of new requests
         self.next_i = 0  # next arrival to process
         self.heap: list[tuple[float, int, Replica]] = []
-        self.tickets = 0  # engine heap entries count down from -1
         self.lanes: tuple[deque[int], deque[int]] = (deque(), deque())
         self.ready: tuple[list[Replica], list[Replica]] = ([], [])
         self.avail: tuple[list[Replica], list[Replica]] = ([], [])  # ready with a free slot
@@ -230,9 +230,7 @@ class Router:
             # prefill only ever pushes the next finish later, so this saves a stale entry)
             if t < eng.scheduled:
                 eng.scheduled = t
-                self.tickets -= 1
-                eng.ticket = self.tickets
-                heapq.heappush(self.heap, (t, self.tickets, rep))
+                heapq.heappush(self.heap, (t, -1 - rep.id, rep))
             return
         svc = self.models[rep.version]
         factor = 1.0 + svc.slowdown * (rep.ongoing - 1) if svc.slowdown else 1.0
@@ -248,9 +246,7 @@ class Router:
         if t != eng.scheduled:
             eng.scheduled = t
             if t < INF:
-                self.tickets -= 1
-                eng.ticket = self.tickets
-                heapq.heappush(self.heap, (t, self.tickets, rep))
+                heapq.heappush(self.heap, (t, -1 - rep.id, rep))
 
     # ---- the hot loop ------------------------------------------------------------------------
 
@@ -260,9 +256,8 @@ class Router:
         Returns early when a draining replica finishes its last request: the control plane must
         release its GPU at that moment, before any later event.
         """
-        arr, n, heap, lanes, ready, avail = (
+        arr, heap, lanes, ready, avail = (
             self.arrivals,
-            self.n,
             self.heap,
             self.lanes,
             self.ready,
@@ -274,8 +269,9 @@ class Router:
         serve, schedule = self._serve, self._schedule
         avail_add = self._avail_add
         heappop = heapq.heappop
+        weight = self.weight  # only the control plane changes it, between calls
         i = self.next_i
-        t_arr = arr[i] if i < n else INF
+        t_arr = arr[i]  # INF past the last arrival
         try:
             while True:
                 if heap and heap[0][0] <= t_arr:
@@ -289,7 +285,7 @@ class Router:
                         eng = None
                     else:
                         eng = rep.engine
-                        if key != eng.ticket:
+                        if t != eng.scheduled:
                             continue  # stale: the engine's next event moved since
                         eng.scheduled = INF
                         if eng.next_t > t:  # early: a prefill since pushed the finish later
@@ -324,13 +320,13 @@ class Router:
                         break
                     continue
                 # ---- an arrival
-                if t_arr > until or i >= n:
+                if t_arr > until:
                     break
                 t = t_arr
                 k = i
                 i += 1
-                t_arr = arr[i] if i < n else INF
-                v = 1 if vdraw() < self.weight else 0
+                t_arr = arr[i]
+                v = 1 if vdraw() < weight else 0
                 if not ready[v] and ready[1 - v]:
                     v = 1 - v
                 av = avail[v]
