@@ -280,3 +280,73 @@ def test_missing_cold_start_samples(tmp_path):
 
 def test_negative_seed(tmp_path):
     one_line_error(invoke("simulate", str(small_scenario(tmp_path)), "--seed", "-1"), "seed")
+
+
+ENGINE = {
+    "kind": "engine",
+    "engine": {"prefill_s_per_1k_tokens": 0.05, "decode_s_per_token": {1: 0.01}},
+}
+
+
+def engine_with(**fields):
+    return {"kind": "engine", "engine": {**ENGINE["engine"], **fields}}
+
+
+@pytest.mark.parametrize(
+    "changes,needle",
+    [
+        ({"service": engine_with(decode_s_per_token={})}, "needs at least one point"),
+        ({"service": engine_with(decode_s_per_token={1: 0.01, 8: -0.02})}, "must be > 0"),
+        ({"service": engine_with(max_num_seqs=0)}, "max_num_seqs"),
+        ({"faults": {"start_failure_rate": 1.5}}, "start_failure_rate"),
+        (
+            {
+                "fleet": {
+                    "replicas": 2,
+                    "gpus_per_replica": 3,
+                    "gpus_per_node": 8,
+                    "gpu_capacity": 8,
+                }
+            },
+            "does not divide into whole replicas",
+        ),
+        (
+            {
+                "trace": {
+                    "synthetic": {"process": "poisson", "rate_per_s": 3.0, "duration_s": 900},
+                    "rate_scale": 0,
+                }
+            },
+            "rate_scale",
+        ),
+        ({"fleet": {"replicas": 4, "gpu_capacity": 6, "billing": "monthly"}}, "fleet.billing"),
+    ],
+    ids=[
+        "no-points",
+        "negative-time",
+        "zero-seqs",
+        "fault-rate",
+        "node-size",
+        "rate-scale",
+        "billing",
+    ],
+)
+def test_bad_engine_fault_supply_and_trace_inputs(tmp_path, changes, needle):
+    out = tmp_path / "o"
+    path = small_scenario(tmp_path, **changes)
+    one_line_error(invoke("simulate", str(path), "--out", str(out)), needle)
+    assert not out.exists()  # nothing written
+    sweep_out = tmp_path / "s"
+    one_line_error(invoke("sweep", str(path), "--out", str(sweep_out)), needle)
+    assert not sweep_out.exists()
+
+
+def test_a_bad_profile_file_names_itself(tmp_path):
+    profile = tmp_path / "engine.yaml"
+    profile.write_text(
+        "name: bad\nprovenance: test\nprefill_s_per_1k_tokens: 0.05\n"
+        "decode_s_per_token: {1: -0.01}\n"
+    )
+    path = small_scenario(tmp_path, service={"kind": "engine", "engine": {"profile": str(profile)}})
+    one_line_error(invoke("simulate", str(path), "--out", str(tmp_path / "o")), str(profile))
+    assert not (tmp_path / "o").exists()
