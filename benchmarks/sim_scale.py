@@ -17,21 +17,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
+from sim_throughput import PROFILE, run_command  # benchmarks/ is on the path as a script's folder
 
 from rollout.scenario import Scenario
 from sim.api import simulate
-
-ROOT = Path(__file__).resolve().parent.parent
-PROFILE = ROOT / "data" / "engines" / "llama-3.1-8b-h100-vllm.yaml"
 
 
 def day(hours: float) -> dict:
@@ -73,20 +68,9 @@ def day(hours: float) -> dict:
 
 
 def run_day(hours: float) -> bool:
-    work = Path(tempfile.mkdtemp(prefix="sim-scale-"))
-    path = work / "day.yaml"
-    path.write_text(yaml.safe_dump(day(hours)))
-    out = work / "out"
-    t0 = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "rollout.cli", "simulate", str(path), "--out", str(out)],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    wall = time.perf_counter() - t0
+    wall, s = run_command(day(hours), Path(tempfile.mkdtemp(prefix="sim-scale-")))
     peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # kilobytes on Linux
     peak_mb = peak_kb / 1024 if sys.platform != "darwin" else peak_kb / 2**20
-    s = json.loads((out / "summary.json").read_text())
     n = s["requests"]
     print(
         f"{hours:g} h diurnal, 100 requests/s on average: {n:,} requests, rollout "
@@ -108,7 +92,11 @@ def saturated(replicas: int, requests: int) -> Scenario:
             "name": f"saturated-{replicas}",
             "seed": 3,
             "trace": {
-                "synthetic": {"process": "poisson", "rate_per_s": rate, "duration_s": requests / rate}
+                "synthetic": {
+                    "process": "poisson",
+                    "rate_per_s": rate,
+                    "duration_s": requests / rate,
+                }
             },
             "service": {"kind": "exponential", "mean_s": 1.0},
             "fleet": {

@@ -77,6 +77,22 @@ def scenario(requests: int) -> dict:
     }
 
 
+def run_command(scenario: dict, work: Path) -> tuple[float, dict]:
+    """`rollout simulate` on the scenario as a fresh process, outputs written under `work`:
+    wall time and summary."""
+    path = work / f"{scenario['name']}.yaml"
+    path.write_text(yaml.safe_dump(scenario))
+    out = work / "out"
+    t0 = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "rollout.cli", "simulate", str(path), "--out", str(out)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    wall = time.perf_counter() - t0
+    return wall, json.loads((out / "summary.json").read_text())
+
+
 def naive(arrivals: list[float], service: list[float], servers: int) -> float:
     """One SimPy process per request and a Resource; returns the mean wait."""
     env = simpy.Environment()
@@ -128,16 +144,9 @@ def main() -> None:
     del result
     gc.collect()
 
-    out = work / "out"
-    t0 = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "rollout.cli", "simulate", str(path), "--out", str(out)],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    cli_s = time.perf_counter() - t0
-    assert json.loads((out / "summary.json").read_text())["requests"] == n
-    files = sorted(p.name for p in out.iterdir())
+    cli_s, summary = run_command(scenario(args.requests), work)
+    assert summary["requests"] == n
+    files = sorted(p.name for p in (work / "out").iterdir())
     print(f"rollout simulate, end to end: {cli_s:.2f} s = {n / cli_s:,.0f} requests/s")
     print(f"  wrote {', '.join(files)}")
 

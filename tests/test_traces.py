@@ -187,9 +187,10 @@ def test_bursts_survive_resampling():
     code = read_trace_csv(DATA / "azure_llm_2023_code.csv")
     trace = load_trace(TraceSpec(path=DATA / "azure_llm_2023_code.csv"), seed=4)
     span = code.duration_s
-    assert per_window(trace.arrival_s, 10.0, span).max() > 0.6 * per_window(
-        code.arrival_s, 10.0, span
-    ).max()
+    assert (
+        per_window(trace.arrival_s, 10.0, span).max()
+        > 0.6 * per_window(code.arrival_s, 10.0, span).max()
+    )
 
 
 def test_synthetic_rate_scale_multiplies_the_rate():
