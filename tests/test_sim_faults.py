@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 import pytest
-from test_sim_rollout import AT_S, COLD_S, N, PERIOD_S, steady
+from test_sim_rollout import AT_S, COLD_S, PERIOD_S, N, steady
 
 from rollout import history as h
 from sim.api import simulate
