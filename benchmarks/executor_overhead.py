@@ -192,7 +192,7 @@ def main() -> int:
         ray.shutdown()
         cluster.stop_local()
         shutil.rmtree(tmp, ignore_errors=True)
-    tick = os.environ.get("ROLLOUT_TICK_S", "0.5")
+    tick = os.environ.get("ROLLOUT_TICK_S", "0.2")
     gpus = "the real GPUs" if a.gpus is None else f"{a.gpus} logical GPUs"
     print(
         f"\n{a.replicas} replicas x {a.gpu_per_replica:g} GPU, {a.policy}, load delay "

@@ -4,8 +4,7 @@ The "model" is a small linear classifier whose weights live in an `.npz` file lo
 (on CUDA through torch when torch is importable and sees a GPU, else with numpy on the CPU). A
 configurable load delay stands in for the minutes a large model spends loading its weights.
 
-It answers two kinds of request, either straight from Serve's HTTP proxy or forwarded by the
-rollout router as a plain dict (`{"method", "path", "query", "json"}`, see executor/router.py):
+It answers HTTP requests (Serve's proxy or the rollout router hands it a starlette Request):
 
 - `GET /` → `{"version", "device", "replica", "loaded_s"}`
 - `POST /` with `{"inputs": [[x0, ..., x15], ...]}` → the same plus `"outputs"` (class
@@ -22,6 +21,7 @@ from typing import Any
 
 import numpy as np
 from ray import serve
+from starlette.requests import Request
 
 _ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,12 +94,12 @@ class Model:
             "loaded_s": self.loaded_s,
         }
 
-    async def __call__(self, request: Any) -> dict[str, Any]:
-        if isinstance(request, dict):  # forwarded by the rollout router
-            method, body = request.get("method", "GET"), request.get("json")
-        else:  # straight from Serve's HTTP proxy (a starlette Request)
-            method = request.method
+    async def __call__(self, request: Request) -> dict[str, Any]:
+        method = request.method
+        try:
             body = await request.json() if method == "POST" else None
+        except ValueError:
+            body = None
         if self.work_s:
             await asyncio.sleep(self.work_s)
         info = self._info()

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from executor import cluster, status, store
+from executor import cluster, rollouts, status, store
 from executor.deploy_file import DeploySpec, load_deploy_file
 from rollout import controller as c
 from rollout.errors import InputError
@@ -24,42 +24,22 @@ from rollout.errors import InputError
 DETACH_WAIT_S = 90.0
 
 
-def _store_for(spec: DeploySpec) -> store.Store:
-    url = spec.store or store.default_url()
-    store.remember_url(url)
-    return store.Store(url)
-
-
-def _settle(st: store.Store, db: object, rec: store.Record) -> str | None:
-    """DBOS's state of an indexed rollout; closes index rows whose workflow has ended."""
-    wf, _ = status.workflow_state(db, rec.id)  # type: ignore[arg-type]
-    if wf is not None and wf not in status.ACTIVE:
-        outcome = {"CANCELLED": "cancelled", "SUCCESS": None}.get(wf, "failed")
-        if outcome is None:
-            got = status.read_status(db, rec)  # type: ignore[arg-type]
-            outcome = got["state"] if got["state"] in status.TERMINAL else "succeeded"
-        st.finish(rec.id, outcome)
-    return wf
-
-
 # ---- deploy ---------------------------------------------------------------------------------
 
 
 def deploy_command(path: Path, detach: bool = False) -> None:
     spec = load_deploy_file(path)
-    st = _store_for(spec)
-    db = status.client(st.url)
-    for rec in st.active(spec.name):
-        wf = _settle(st, db, rec)
-        if wf is not None and wf not in status.ACTIVE:
-            continue
+    address = cluster.address_for(spec, start=False)  # and its token, for a resumed controller
+    st, db = rollouts.open_store(spec, path)
+    for t in rollouts.in_progress(st, db, spec.name, address or ""):
+        rec = t.rec
         if rec.to_version != spec.version:
             raise InputError(
                 f"rollout {rec.id} of {rec.app} ({rec.from_version or 'nothing'} → "
                 f"{rec.to_version}) is still in progress; wait for it or run "
                 f"`rollout cancel {rec.id}`"
             )
-        _resume(st, rec, detach)
+        _resume(t, detach)
         return
     plan = _plan(spec, st.url)
     if plan is None:
@@ -68,6 +48,7 @@ def deploy_command(path: Path, detach: bool = False) -> None:
         store.Record(
             id=plan.id, app=plan.name, from_version=plan.from_version, to_version=plan.to_version,
             created_at=time.time(), plan=plan.model_dump_json(), outcome=None, finished_at=None,
+            cluster=plan.address,
         )
     )  # fmt: skip
     print(plan.id, flush=True)
@@ -118,51 +99,46 @@ def _plan(spec: DeploySpec, url: str):  # type: ignore[no-untyped-def]
         name=spec.name,
         from_version=from_version,
         to_version=spec.version,
-        spec=spec,
+        spec=spec.model_copy(update={"store": spec.store and store.mask_url(spec.store)}),
         current_app=current_app,
         candidate_app=candidate_app_config(spec, deployment),
         desired_start=max(1, desired),
         address=address,
-        store_url=url,
+        store_url=store.mask_url(url),  # the controller gets the URL itself from its caller
     )
 
 
-def _resume(st: store.Store, rec: store.Record, detach: bool) -> None:
-    db = status.client(st.url)
-    wf, executor = status.workflow_state(db, rec.id)
-    if wf is None and time.time() - rec.created_at < DETACH_WAIT_S:
-        raise InputError(f"rollout {rec.id} is just starting; try again in a minute")
-    print(rec.id, flush=True)
-    if store.executor_alive(executor):
-        pid = store.executor_pid(executor)
-        print(f"rollout {rec.id} is already running (controller pid {pid})", file=sys.stderr)
+def _resume(t: rollouts.Tracked, detach: bool) -> None:
+    if t.workflow is None and time.time() - t.rec.created_at < DETACH_WAIT_S:
+        raise InputError(f"rollout {t.id} is just starting; try again in a minute")
+    print(t.id, flush=True)
+    if t.running:
+        print(f"rollout {t.id} is already running ({t.lease.describe()})", file=sys.stderr)
         if not detach:
-            _finish(rec.id, _follow(db, rec.id))
+            _finish(t.id, _follow(t.db, t.id))
         return
-    print(f"resuming rollout {rec.id} from its last recorded step", file=sys.stderr, flush=True)
+    print(f"resuming rollout {t.id} from its last recorded step", file=sys.stderr, flush=True)
     if detach:
-        _spawn(st, rec.id, "recover")
+        _spawn(t.store, t.id, "recover")
     else:
-        _run_here(st, rec.id, resume=True)
+        _run_here(t.store, t.id, resume=True)
 
 
 def recover_command(path: Path) -> None:
     spec = load_deploy_file(path)
-    st = _store_for(spec)
-    db = status.client(st.url)
-    pending = [r for r in st.active(spec.name) if _settle(st, db, r) in (*status.ACTIVE, None)]
+    cluster.address_for(spec, start=False)  # the cluster's token
+    st, db = rollouts.open_store(spec, path)
+    pending = rollouts.in_progress(st, db, spec.name)
     if not pending:
         print(f"no rollout of {spec.name} to recover")
         return
-    for rec in pending:
-        _, executor = status.workflow_state(db, rec.id)
-        if store.executor_alive(executor):
-            pid = store.executor_pid(executor)
-            print(f"rollout {rec.id} is running (controller pid {pid}); nothing to recover")
+    for t in pending:
+        if t.running:
+            print(f"rollout {t.id} is running ({t.lease.describe()}); nothing to recover")
             continue
-        print(rec.id, flush=True)
-        print(f"resuming rollout {rec.id} from its last recorded step", file=sys.stderr)
-        _run_here(st, rec.id, resume=True)
+        print(t.id, flush=True)
+        print(f"resuming rollout {t.id} from its last recorded step", file=sys.stderr)
+        _run_here(st, t.id, resume=True)
 
 
 def _run_here(st: store.Store, rollout_id: str, *, resume: bool) -> None:
@@ -219,17 +195,18 @@ def _spawn(st: store.Store, rollout_id: str, mode: str) -> None:
     logs = store.home() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log = (logs / f"{rollout_id}.log").open("a")
-    env = dict(os.environ, ROLLOUT_HOME=str(store.home()))
+    # the store's URL (with its password) goes by environment, never on the command line
+    env = dict(os.environ, ROLLOUT_HOME=str(store.home()), ROLLOUT_STORE_URL=st.url)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "executor.worker", mode, st.url, rollout_id],
+        [sys.executable, "-m", "executor.worker", mode, rollout_id],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         start_new_session=True, env=env, cwd=os.getcwd(),
     )  # fmt: skip
     db = status.client(st.url)
     deadline = time.monotonic() + DETACH_WAIT_S
     while time.monotonic() < deadline:
-        wf, executor = status.workflow_state(db, rollout_id)
-        if wf is not None and (wf not in status.ACTIVE or store.executor_alive(executor)):
+        wf, _ = status.workflow_state(db, rollout_id)
+        if wf is not None and (wf not in status.ACTIVE or st.lease(rollout_id).live):
             print(
                 f"controller pid {proc.pid} runs it; follow with `rollout status {rollout_id}`",
                 file=sys.stderr,
@@ -245,8 +222,7 @@ def _spawn(st: store.Store, rollout_id: str, mode: str) -> None:
 
 
 def status_command(rollout_id: str, as_json: bool = False) -> None:
-    st, rec = store.find(rollout_id)
-    s = status.read_status(status.client(st.url), rec)
+    s = rollouts.find(rollout_id).status()
     print(json.dumps(s) if as_json else status.format_status(s))
 
 
@@ -261,62 +237,55 @@ def history_command(rollout_id: str, as_json: bool = False) -> None:
 
 
 def control_command(rollout_id: str, control_name: str) -> None:
-    ctl = c.Control(control_name)
-    verb = ctl.value.replace("_", "-")
-    st, rec = store.find(rollout_id)
-    db = status.client(st.url)
-    wf = _settle(st, db, rec)
-    rec = st.get(rollout_id) or rec
-    if rec.outcome or (wf is not None and wf not in status.ACTIVE):
-        raise InputError(f"rollout {rollout_id} has already ended ({rec.outcome}); cannot {verb}")
-    db.send(rollout_id, {"control": ctl.value, "sent_at": time.time()}, topic=status.CONTROL_TOPIC)
-    _, executor = status.workflow_state(db, rollout_id)
-    print(f"{verb} sent to rollout {rollout_id}")
-    if not store.executor_alive(executor):
-        print(
-            "its controller is not running: the control waits until `rollout recover`",
-            file=sys.stderr,
-        )
+    t = rollouts.find(rollout_id)
+    print(t.send(c.Control(control_name)))
+    if not t.running:
+        print(rollouts.NOT_RUNNING, file=sys.stderr)
 
 
 # ---- down -----------------------------------------------------------------------------------
 
 
-def _withdraw(st: store.Store, rec: store.Record) -> None:
+def _withdraw(t: rollouts.Tracked) -> None:
     """Stop a rollout's workflow (its controller exits) before its applications go."""
-    db = status.client(st.url)
-    wf, executor = status.workflow_state(db, rec.id)
-    if wf in status.ACTIVE:
+    if t.workflow in status.ACTIVE:
         with contextlib.suppress(Exception):
-            db.cancel_workflow(rec.id)
+            t.db.cancel_workflow(t.id)
         deadline = time.monotonic() + 20
-        while store.executor_alive(executor) and time.monotonic() < deadline:
+        while t.store.lease(t.id).live and time.monotonic() < deadline:
             time.sleep(0.2)
-    st.finish(rec.id, "cancelled")
-    print(f"cancelled rollout {rec.id}")
+    t.store.finish(t.id, "cancelled")
+    print(f"cancelled rollout {t.id}")
 
 
 def down_command(path: Path | None = None) -> None:
     if path is None:
-        for url in store.known_urls():
+        local = cluster.local_cluster()
+        if local is None:
+            print("no local Ray cluster started by rollout is running")
+            return
+        for url in store.known_urls():  # only rollouts on the cluster this stops
             try:
                 st = store.Store(url, create=False)
-                for rec in st.all_active():
-                    _withdraw(st, rec)
             except FileNotFoundError:
                 continue
-        if cluster.stop_local():
-            print("removed every application and stopped the local Ray cluster")
-        else:
-            print("no local Ray cluster started by rollout is running")
+            except InputError as e:  # unreachable: its rollouts are not on this cluster's store
+                print(f"warning: {e}", file=sys.stderr)
+                continue
+            db = status.client(url)
+            for rec in st.all_active():
+                if rec.cluster == local.address:
+                    _withdraw(rollouts.track(st, db, rec))
+        cluster.stop_local()
+        print("removed every application and stopped the local Ray cluster")
         return
     from executor.serve_backend import declarative_apps, remove_apps
 
     spec = load_deploy_file(path)
-    st = _store_for(spec)
-    for rec in st.active(spec.name):
-        _withdraw(st, rec)
     address = cluster.address_for(spec, start=False)
+    st, db = rollouts.open_store(spec, path)
+    for t in rollouts.in_progress(st, db, spec.name, address or ""):
+        _withdraw(t)
     if address is None:
         print(f"no cluster runs {spec.name}")
         return

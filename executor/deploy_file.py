@@ -66,6 +66,13 @@ class ClusterSpec(_Strict):
     address: str | None = None  # null: a local cluster that rollout starts and `down` stops
     num_gpus: int | None = Field(None, ge=0, le=4096)  # local cluster: logical GPUs
     num_cpus: int | None = Field(None, ge=1, le=4096)  # local cluster: logical CPUs
+    token_file: str | None = None  # given address: the file holding the cluster's Ray token
+
+    @model_validator(mode="after")
+    def _token_for_address(self) -> ClusterSpec:
+        if self.token_file and self.address is None:
+            raise ValueError("token_file is for a cluster given by address, not a local one")
+        return self
 
 
 class HttpSpec(_Strict):
@@ -81,6 +88,11 @@ class HttpSpec(_Strict):
         return v
 
 
+class RouterSpec(_Strict):
+    replicas: int = Field(2, ge=1, le=64)  # more than one: a router replica is no single point
+    metrics_window_s: float = Field(60.0, gt=0, le=300)  # the per-version metrics' window
+
+
 class DeploySpec(_Strict):
     name: str
     version: str
@@ -92,6 +104,7 @@ class DeploySpec(_Strict):
     progress_deadline_s: float | None = Field(None, gt=0, le=86400)
     cluster: ClusterSpec = ClusterSpec()
     http: HttpSpec = HttpSpec()
+    router: RouterSpec = RouterSpec()
     store: str | None = None  # null: SQLite under .rollout/; or a postgresql:// URL
 
     @field_validator("name")

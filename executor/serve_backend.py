@@ -23,25 +23,34 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
 import math
+import os
+import sys
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel
 
-from executor import cluster, store
+from executor import cluster
 from executor.deploy_file import DeploySpec, version_app
 from executor.router import DEPLOYMENT as ROUTER_DEPLOYMENT
+from executor.router_client import read_router, router_actor_names, wait_for_stamp
 from rollout import controller as c
 from rollout import history as h
 from rollout.autoscaler import Autoscaler
 
 ROLES = (c.CURRENT, c.CANDIDATE)
 ROUTER_IMPORT = "executor.router:app"
+# The router is all non-blocking asyncio: its replicas run its code and its handles' routing on
+# the replica's own event loop (Serve's throughput settings), saving two thread hops a message.
+ROUTER_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+}
 ACK_TIMEOUT_S = 20.0
+ACK_POLL_S = 0.005  # how often the router replicas are asked whether they took a new config
 PROBE_BUDGET_S = 2.0
 # a replica placed a moment ago can still lack a node in Serve's details while the GPU count
 # already shows it: only one unplaced for this long counts as waiting for a GPU
@@ -99,14 +108,24 @@ class Memory(BaseModel):
     autoscaler: dict[str, Any] | None = None
 
 
+def app_dir() -> str:
+    """Where import paths resolve first: the current folder, as `serve run --app-dir .`."""
+    return os.getcwd()
+
+
 def candidate_app_config(spec: DeploySpec, deployment: str) -> dict[str, Any]:
-    """The Serve application config of the deploy file's version (replicas set on apply)."""
+    """The Serve application config of the deploy file's version (replicas set on apply).
+
+    Its replicas (and Serve's build of the application) get the current folder in front of
+    the cluster's PYTHONPATH, so the import path resolves there as it did here.
+    """
     m = spec.model
     return {
         "name": spec.app_name(),
         "route_prefix": None,
         "import_path": m.import_path,
         "args": dict(m.args),
+        "runtime_env": {"env_vars": {"PYTHONPATH": f"{app_dir()}{os.pathsep}${{PYTHONPATH}}"}},
         "deployments": [
             {
                 "name": deployment,
@@ -132,6 +151,8 @@ def ingress_deployment(spec: DeploySpec) -> str:
     from rollout.errors import InputError
 
     module_name, _, attr = spec.model.import_path.partition(":")
+    if app_dir() not in sys.path:
+        sys.path.insert(0, app_dir())
     try:
         builder = getattr(importlib.import_module(module_name), attr)
         app = builder(dict(spec.model.args)) if callable(builder) else builder
@@ -143,18 +164,10 @@ def ingress_deployment(spec: DeploySpec) -> str:
         ) from None
 
 
-@contextlib.contextmanager
-def config_lock() -> Iterator[None]:
-    """Serialises read-modify-write of the cluster's declarative config between controllers
-    on this host (deploy_apps replaces the whole set of applications)."""
-    path = store.home() / "serve-config.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def config_lock() -> contextlib.AbstractContextManager[None]:
+    """Serialises read-modify-write of the cluster's declarative config between every writer
+    of the cluster (deploy_apps replaces the whole set of applications)."""
+    return cluster.config_lock()
 
 
 def declarative_apps(details: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -212,20 +225,14 @@ def router_routes(config: dict[str, Any] | None) -> list[dict[str, Any]]:
     return list(config["deployments"][0].get("user_config", {}).get("routes", []))
 
 
-_ROUTER_HANDLES: dict[str, Any] = {}
-
-
 def router_stats(name: str) -> dict[str, Any]:
-    """The router's applied config stamp and per-version request counts ({} if unreachable)."""
-    from ray import serve
-
+    """Every running router replica's traffic, merged: `ongoing` and `served` per version, the
+    metrics window, and `stamps` (each replica's applied config); {} when there is no router."""
     try:
-        if name not in _ROUTER_HANDLES:
-            _ROUTER_HANDLES[name] = serve.get_deployment_handle(ROUTER_DEPLOYMENT, name)
-        return dict(_ROUTER_HANDLES[name].stats.remote().result(timeout_s=5))
+        view = read_router(router_actor_names(name, cluster.serve_client().get_serve_details()))
     except Exception:  # no router yet, or it is restarting
-        _ROUTER_HANDLES.pop(name, None)
         return {}
+    return {**view.snapshot, "stamps": view.stamps}
 
 
 class ServeBackend:
@@ -237,6 +244,7 @@ class ServeBackend:
         self.events: list[h.Event] = []
         self.counts: dict[str, dict[str, int]] = {}
         self._unaccounted = 0.0
+        self._router_actors: list[str] = []  # running router replicas at the last config write
         cluster.connect(plan.address)
 
     # ---- observe ---------------------------------------------------------------------------
@@ -498,7 +506,17 @@ class ServeBackend:
             "route_prefix": spec.http.route_prefix,
             "import_path": ROUTER_IMPORT,
             "args": {},
-            "deployments": [{"name": ROUTER_DEPLOYMENT, "num_replicas": 1, "user_config": {}}],
+            "runtime_env": {"env_vars": dict(ROUTER_ENV)},
+            "deployments": [
+                {
+                    "name": ROUTER_DEPLOYMENT,
+                    "num_replicas": spec.router.replicas,
+                    # reconfigure every replica at once (Serve's default is 20 % at a time)
+                    "rolling_update_percentage": 1.0,
+                    "logging_config": {"enable_access_log": False},  # the versions log them
+                    "user_config": {},
+                }
+            ],
             "_routes": routes,
         }
 
@@ -524,21 +542,22 @@ class ServeBackend:
             stamp = None
             if routes != router_routes(before.get(self.plan.name)):
                 stamp = time.time_ns() // 1000
-                router["deployments"][0]["user_config"] = {"stamp": stamp, "routes": routes}
+                router["deployments"][0]["user_config"] = self._user_config(stamp, routes)
                 apps[self.plan.name] = router
             elif self.plan.name in before:
                 apps[self.plan.name] = before[self.plan.name]
             else:
-                router["deployments"][0]["user_config"] = {"stamp": 0, "routes": routes}
+                router["deployments"][0]["user_config"] = self._user_config(0, routes)
                 apps[self.plan.name] = router
             if apps != before:
                 deploy_config(apps)
+            self._router_actors = router_actor_names(self.plan.name, details)
             return stamp
 
+    def _user_config(self, stamp: int, routes: list[dict[str, Any]]) -> dict[str, Any]:
+        window = self.plan.spec.router.metrics_window_s
+        return {"stamp": stamp, "routes": routes, "window_s": window}
+
     def _wait_for_router(self, stamp: int) -> None:
-        deadline = time.monotonic() + ACK_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.router_stats().get("stamp") == stamp:
-                return
-            time.sleep(0.02)
-        raise TimeoutError(f"the router did not take the new weights within {ACK_TIMEOUT_S:g} s")
+        """Until every running router replica has taken the new routes."""
+        wait_for_stamp(self.plan.name, stamp, ACK_TIMEOUT_S, ACK_POLL_S, self._router_actors)

@@ -23,7 +23,7 @@ TERMINAL = ("succeeded", "cancelled", "failed")
 
 
 def client(url: str) -> DBOSClient:
-    return DBOSClient(system_database_url=url)
+    return DBOSClient(system_database_url=url, serializer=store.dbos_serializer())
 
 
 def read_history(db: DBOSClient, rollout_id: str, offset: int = 0) -> tuple[list[h.Event], int]:
@@ -48,7 +48,7 @@ def workflow_state(db: DBOSClient, rollout_id: str) -> tuple[str | None, str | N
     return st.status, st.executor_id
 
 
-def read_status(db: DBOSClient, rec: store.Record) -> dict[str, Any]:
+def read_status(db: DBOSClient, rec: store.Record, lease: store.Lease) -> dict[str, Any]:
     """The status object of `rollout status --json`."""
     raw = db.get_event(rec.id, STATUS_KEY, timeout_seconds=0)
     status: dict[str, Any] = json.loads(raw) if raw else {}
@@ -67,12 +67,16 @@ def read_status(db: DBOSClient, rec: store.Record) -> dict[str, Any]:
         status["state"] = "cancelled"
     elif wf == "ERROR" and status["state"] not in TERMINAL:
         status["state"] = "failed"
-    alive = store.executor_alive(executor) if wf in ACTIVE else False
     status["controller"] = {
         "workflow": wf,
         "executor": executor,
-        "pid": store.executor_pid(executor),
-        "running": alive,
+        "holder": lease.holder,
+        "pid": lease.info.get("pid"),
+        "host": lease.info.get("host"),
+        "folder": lease.info.get("folder"),
+        "lease_until": lease.until,
+        "running": lease.live and wf in (*ACTIVE, None),
+        "held_by": lease.describe() if lease.holder else None,
     }
     status["created_at"] = rec.created_at
     return status
@@ -111,7 +115,10 @@ def format_status(s: dict[str, Any]) -> str:
     ctl = s.get("controller", {})
     if s["state"] not in TERMINAL:
         if ctl.get("running"):
-            lines.append(f"  controller: running (pid {ctl.get('pid')})")
+            lines.append(f"  controller: running ({ctl['held_by']})")
         else:
-            lines.append("  controller: not running; `rollout recover DEPLOY.yaml` resumes it")
+            was = f" (was {ctl['held_by']})" if ctl.get("held_by") else ""
+            lines.append(
+                f"  controller: not running{was}; `rollout recover DEPLOY.yaml` resumes it"
+            )
     return "\n".join(lines)

@@ -5,15 +5,17 @@ adds a small index of rollouts (which application, from which version to which, 
 outcome) so that `rollout status ID` can name an id that does not exist, and `rollout deploy`
 can find a rollout still in progress for the same application.
 
-Which process runs a rollout is tracked with one lock file per controller process
-(`.rollout/executors/<executor id>.lock`, held with flock for the process's life): a workflow
-whose executor holds no lock has lost its controller and may be taken over. Locks are local
-files, so controllers sharing a Postgres store must run on one host.
+The index enforces one rollout in progress per model and cluster (a unique index over the
+rows without an outcome), so of two deploys started together exactly one is recorded.
+
+Which process runs a rollout is a lease on its row: the controller writes its id and an
+expiry, and renews it from a heartbeat thread; a rollout whose lease expired has lost its
+controller and may be taken over from any host or folder, one whose lease is live never is.
+Expiry is judged by the database's clock, so hosts with skewed clocks agree.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
@@ -21,11 +23,11 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import Any
 
 import sqlalchemy as sa
 
-from rollout.errors import InputError
+from rollout.errors import InputError, mask_secrets
 
 _META = sa.MetaData()
 INDEX = sa.Table(
@@ -39,7 +41,37 @@ INDEX = sa.Table(
     sa.Column("plan", sa.Text, nullable=False),
     sa.Column("outcome", sa.String(32), nullable=True),
     sa.Column("finished_at", sa.Float, nullable=True),
+    sa.Column("cluster", sa.String(200), nullable=True),  # the Ray address it runs on
+    sa.Column("holder", sa.String(64), nullable=True),  # the controller holding the lease
+    sa.Column("holder_info", sa.Text, nullable=True),  # JSON: pid, host, folder (for people)
+    sa.Column("lease_until", sa.Float, nullable=True),  # epoch seconds, the database's clock
 )
+ONE_ACTIVE = sa.Index(
+    "rollout_one_active",
+    INDEX.c.app,
+    INDEX.c.cluster,
+    unique=True,
+    sqlite_where=INDEX.c.outcome.is_(None),
+    postgresql_where=INDEX.c.outcome.is_(None),
+)
+
+
+def _now(engine: sa.Engine) -> sa.ColumnElement[float]:
+    """Now, in epoch seconds, by the database's clock."""
+    if engine.dialect.name == "sqlite":
+        return sa.literal_column("((julianday('now') - 2440587.5) * 86400.0)")
+    return sa.literal_column("extract(epoch from clock_timestamp())")
+
+
+def _migrate(engine: sa.Engine) -> None:
+    """Add the columns and index a store made by an earlier version lacks."""
+    have = {c["name"] for c in sa.inspect(engine).get_columns(INDEX.name)}
+    with engine.begin() as c:
+        for col in INDEX.columns:
+            if col.name not in have:
+                kind = col.type.compile(dialect=engine.dialect)
+                c.execute(sa.text(f"ALTER TABLE {INDEX.name} ADD COLUMN {col.name} {kind}"))
+    ONE_ACTIVE.create(engine, checkfirst=True)
 
 
 def home() -> Path:
@@ -51,28 +83,47 @@ def default_url() -> str:
     return f"sqlite:///{home() / 'rollout.sqlite'}"
 
 
-def _known_urls_file() -> Path:
+def _known_stores_file() -> Path:
     return home() / "stores.json"
 
 
-def remember_url(url: str) -> None:
-    """Record a non-default store so that `status ID` and `history ID` can find its rollouts."""
+def mask_url(url: str) -> str:
+    """The URL as it may be printed or recorded: without its password."""
+    return mask_secrets(url)
+
+
+def remember(url: str, deploy_file: Path) -> None:
+    """Note which deploy file named a non-default store, so that `status ID` and `history ID`
+    can find its rollouts. The URL itself (with its password) stays in that file only."""
     if url == default_url():
         return
-    path = _known_urls_file()
-    urls = json.loads(path.read_text()) if path.exists() else []
-    if url not in urls:
+    path = _known_stores_file()
+    known = json.loads(path.read_text()) if path.exists() else []
+    entry = {"store": mask_url(url), "deploy_file": str(deploy_file.resolve())}
+    if entry not in known:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps([*urls, url]))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump([*known, entry], f)
 
 
 def known_urls() -> list[str]:
-    """`$ROLLOUT_STORE` if set, else the default store and every store a deploy file named."""
+    """`$ROLLOUT_STORE` if set, else the default store and the store of every deploy file that
+    named one (read from that file again)."""
     if os.environ.get("ROLLOUT_STORE"):
         return [os.environ["ROLLOUT_STORE"]]
-    path = _known_urls_file()
-    extra = json.loads(path.read_text()) if path.exists() else []
-    return [default_url(), *extra]
+    from executor.deploy_file import load_deploy_file
+
+    urls = [default_url()]
+    path = _known_stores_file()
+    for entry in json.loads(path.read_text()) if path.exists() else []:
+        try:
+            url = load_deploy_file(entry["deploy_file"]).store
+        except (InputError, KeyError, TypeError):
+            continue  # moved or rewritten since
+        if url and mask_url(url) == entry.get("store") and url not in urls:
+            urls.append(url)
+    return urls
 
 
 def _engine_url(url: str) -> str:
@@ -93,6 +144,26 @@ class Record:
     plan: str
     outcome: str | None
     finished_at: float | None
+    cluster: str | None = None
+    holder: str | None = None
+    holder_info: str | None = None
+    lease_until: float | None = None
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Who runs a rollout and until when (`live`: not expired by the database's clock)."""
+
+    holder: str | None
+    info: dict[str, Any]
+    until: float | None
+    live: bool
+
+    def describe(self) -> str:
+        i = self.info
+        who = f"pid {i.get('pid')} on {i.get('host')} in {i.get('folder')}"
+        when = time.strftime("%H:%M:%S", time.localtime(self.until or 0))
+        return f"{who}, lease until {when}" if self.live else f"{who}, lease expired {when}"
 
 
 class Store:
@@ -105,13 +176,86 @@ class Store:
             if not create and not path.exists():
                 raise FileNotFoundError(path)
             path.parent.mkdir(parents=True, exist_ok=True)
-        self.engine = sa.create_engine(_engine_url(self.url))
-        if create:
-            _META.create_all(self.engine)
+        postgres = _engine_url(self.url).startswith("postgresql")
+        self.engine = sa.create_engine(
+            _engine_url(self.url), connect_args={"connect_timeout": 5} if postgres else {}
+        )
+        try:
+            if create:
+                _META.create_all(self.engine)
+                _migrate(self.engine)
+            else:
+                self.engine.connect().close()
+        except sa.exc.DBAPIError as e:
+            self.engine.dispose()
+            why = str(e.orig or e).strip().splitlines()[0] if str(e.orig or e).strip() else ""
+            raise InputError(f"cannot reach the store at {mask_url(self.url)}: {why}") from None
 
     def add(self, rec: Record) -> None:
+        """Record a rollout in progress; one of the same model and cluster is bad input."""
+        try:
+            with self.engine.begin() as c:
+                c.execute(INDEX.insert().values(**rec.__dict__))
+        except sa.exc.IntegrityError:
+            other = next((r for r in self.active(rec.app) if r.cluster == rec.cluster), rec)
+            raise InputError(
+                f"rollout {other.id} of {rec.app} ({other.from_version or 'nothing'} → "
+                f"{other.to_version}) is still in progress on {rec.cluster}; wait for it or run "
+                f"`rollout cancel {other.id}`"
+            ) from None
+
+    # ---- leases ------------------------------------------------------------------------------
+
+    def take_lease(self, rollout_id: str, holder: str, info: dict[str, Any], ttl_s: float) -> bool:
+        """Hold the rollout's lease if it is free, expired or already ours; False if another
+        controller holds a live one. Atomic: of two takers at most one succeeds."""
+        now = _now(self.engine)
+        free = sa.or_(
+            INDEX.c.holder.is_(None),
+            INDEX.c.holder == holder,
+            INDEX.c.lease_until.is_(None),
+            INDEX.c.lease_until < now,
+        )
         with self.engine.begin() as c:
-            c.execute(INDEX.insert().values(**rec.__dict__))
+            got = c.execute(
+                INDEX.update()
+                .where(INDEX.c.id == rollout_id, INDEX.c.outcome.is_(None), free)
+                .values(holder=holder, holder_info=json.dumps(info), lease_until=now + ttl_s)
+            )
+        return got.rowcount == 1
+
+    def renew(self, rollout_id: str, holder: str, ttl_s: float) -> bool:
+        """Extend our lease; False once another controller took it (or the rollout ended)."""
+        with self.engine.begin() as c:
+            got = c.execute(
+                INDEX.update()
+                .where(INDEX.c.id == rollout_id, INDEX.c.holder == holder)
+                .values(lease_until=_now(self.engine) + ttl_s)
+            )
+        return got.rowcount == 1
+
+    def release(self, rollout_id: str, holder: str) -> None:
+        """Give the lease up at once (the holder stays recorded, for `status`)."""
+        with self.engine.begin() as c:
+            c.execute(
+                INDEX.update()
+                .where(INDEX.c.id == rollout_id, INDEX.c.holder == holder)
+                .values(lease_until=0.0)
+            )
+
+    def lease(self, rollout_id: str) -> Lease:
+        with self.engine.connect() as c:
+            row = c.execute(
+                sa.select(
+                    INDEX.c.holder, INDEX.c.holder_info, INDEX.c.lease_until,
+                    _now(self.engine).label("now"),
+                ).where(INDEX.c.id == rollout_id)
+            ).first()  # fmt: skip
+        if row is None or row.holder is None:
+            return Lease(None, {}, None, False)
+        until = row.lease_until
+        live = until is not None and until > row.now
+        return Lease(row.holder, json.loads(row.holder_info or "{}"), until, live)
 
     def get(self, rollout_id: str) -> Record | None:
         try:
@@ -149,68 +293,58 @@ class Store:
 
 
 def find(rollout_id: str) -> tuple[Store, Record]:
-    """The store holding `rollout_id`; an unknown id is bad input."""
+    """The store holding `rollout_id`; an unknown id is bad input, and so is a store that
+    cannot be reached (it may hold the id)."""
+    unreachable: list[str] = []
     for url in known_urls():
         try:
             store = Store(url, create=False)
-        except (FileNotFoundError, sa.exc.SQLAlchemyError):
+        except FileNotFoundError:
+            continue
+        except InputError as e:
+            unreachable.append(str(e))
             continue
         rec = store.get(rollout_id)
         if rec is not None:
             return store, rec
         store.dispose()
+    if unreachable:
+        raise InputError(f"{unreachable[0]} (rollout '{rollout_id}' may be recorded there)")
     raise InputError(f"unknown rollout id '{rollout_id}'")
+
+
+def dbos_serializer():  # type: ignore[no-untyped-def]
+    """DBOS's portable JSON for every workflow input, step output, event and message rollout
+    stores, and no unpickling of a value tagged as pickled: write access to the store is then
+    not code execution in controllers or in the terminals that read status."""
+    from dbos import _serialization as ser
+
+    class NoPickle(ser.DefaultSerializer):
+        def deserialize(cls, serialized_data: str) -> object:
+            raise InputError("the store holds a pickled value; rollout reads JSON only")
+
+    if not isinstance(ser.DBOSDefaultSerializer, NoPickle):  # DBOS looks it up per call
+        ser.DBOSDefaultSerializer = NoPickle()
+    return ser.DBOSPortableJSON
 
 
 def new_rollout_id(app: str, version: str) -> str:
     return f"{app}-{version}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
 
 
-# ---- controller liveness --------------------------------------------------------------------
+# ---- controllers ---------------------------------------------------------------------------
 
 
 def new_executor_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    """A controller process's DBOS executor id: unique, and naming no host or folder."""
+    return f"ctl-{uuid.uuid4().hex[:16]}"
 
 
-def _lock_path(executor_id: str) -> Path:
-    return home() / "executors" / f"{executor_id}.lock"
+def holder_info() -> dict[str, Any]:
+    """Who a controller is, for people reading `rollout status` (nothing decides by it)."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "folder": os.getcwd()}
 
 
-class ExecutorLock:
-    """Held by a controller process for its whole life; the kernel drops it when it dies."""
-
-    def __init__(self, executor_id: str) -> None:
-        path = _lock_path(executor_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.file: IO[str] = path.open("w")
-        fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        self.file.write(json.dumps({"pid": os.getpid(), "started": time.time()}))
-        self.file.flush()
-
-
-def executor_alive(executor_id: str | None) -> bool:
-    """False only when we can tell the controller is gone: its lock file is here and free."""
-    if not executor_id:
-        return False
-    if not executor_id.startswith(socket.gethostname() + "-"):
-        return True  # another host's controller: we cannot tell, so never take it over
-    path = _lock_path(executor_id)
-    if not path.exists():
-        return False
-    with path.open() as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-    return False
-
-
-def executor_pid(executor_id: str | None) -> int | None:
-    if not executor_id:
-        return None
-    try:
-        return int(json.loads(_lock_path(executor_id).read_text())["pid"])
-    except (OSError, ValueError, KeyError):
-        return None
+def lease_s() -> float:
+    """How long a lease lasts without renewal (the heartbeat renews it three times as often)."""
+    return float(os.environ.get("ROLLOUT_LEASE_S", "15"))

@@ -1,12 +1,14 @@
 """The detached controller process that `rollout deploy --detach` starts.
 
-`python -m executor.worker start|recover STORE_URL ROLLOUT_ID`: runs (or takes over) one
-rollout's workflow, then any other rollout it picked up in recovery, and exits. Its output goes
-to `.rollout/logs/ID.log`.
+`python -m executor.worker start|recover ROLLOUT_ID`, with the store's URL in
+`$ROLLOUT_STORE_URL` (never on the command line, where `ps` and Ray's job list would show its
+password): runs (or takes over) one rollout's workflow, then any other rollout it picked up in
+recovery, and exits. Its output goes to `.rollout/logs/ID.log`.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 
@@ -16,7 +18,8 @@ def main(argv: list[str]) -> int:
     from executor.serve_backend import Plan
     from executor.workflow import ControllerProcess
 
-    mode, url, rollout_id = argv
+    mode, rollout_id = argv
+    url = os.environ["ROLLOUT_STORE_URL"]
     rec = store.Store(url).get(rollout_id)
     if rec is None:
         print(f"unknown rollout id '{rollout_id}'", file=sys.stderr)

@@ -11,22 +11,26 @@ and since actions are absolute counts (and unchanged configs are not redeployed)
 changes nothing. The history is the concatenation of recorded step outputs, so it has neither
 gaps nor duplicates. Controls are durable DBOS messages (`DBOSClient.send` from any process).
 
-Each controller process has its own DBOS executor id and holds a lock file while it lives
-(executor/store.py): a rollout whose executor's lock is free has lost its controller, and
-`rollout recover` (or `rollout deploy` again) hands it back to DBOS recovery in a live process.
+Each controller process has its own DBOS executor id and holds a lease on every rollout it
+runs, renewed by a heartbeat thread (executor/store.py): a rollout whose lease expired has lost
+its controller, and `rollout recover` (or `rollout deploy` again), from any host or folder, takes
+the lease and hands the workflow back to DBOS recovery in a live process. A controller that
+cannot renew its lease in time stops at once, so two never drive one rollout.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
+import threading
 import time
 from typing import Any, Literal
 
 from dbos import DBOS, SetWorkflowID
 from pydantic import BaseModel
 
-from executor import store
+from executor import metrics, store
 from executor.serve_backend import Memory, Plan, ServeBackend, remove_apps
 from executor.status import ACTIVE, CONTROL_TOPIC, STATUS_KEY
 from rollout import controller as c
@@ -34,11 +38,12 @@ from rollout import history as h
 from rollout.planner import step_count
 
 APP_VERSION = "rollout-executor-1"  # fixed, so a restarted controller recovers older runs
+_STORE_URL = ""  # this controller's store, with its password (the plan holds it masked)
 
 
 def tick_s() -> float:
     """Seconds between observations when nothing happens (controls cut the wait short)."""
-    return float(os.environ.get("ROLLOUT_TICK_S", "0.5"))
+    return float(os.environ.get("ROLLOUT_TICK_S", "0.2"))
 
 
 class InstallState(BaseModel):
@@ -85,6 +90,7 @@ def begin_step(plan_json: str) -> str:
         carry = Carry(kind="rollout", state=state.to_json(), memory=memory)
     carry.events = [e.model_dump(mode="json") for e in events]
     carry.status = _status(plan, carry, {}, now)
+    metrics.observe(carry.status, carry.events)
     return carry.model_dump_json()
 
 
@@ -101,6 +107,7 @@ def iterate_step(plan_json: str, carry_json: str, controls: list[dict[str, Any]]
     carry.memory = backend.mem
     carry.events = [e.model_dump(mode="json") for e in events]
     carry.status = _status(plan, carry, backend.counts, time.time())
+    metrics.observe(carry.status, carry.events)
     return carry.model_dump_json()
 
 
@@ -110,7 +117,7 @@ def finish_step(plan_json: str, outcome: str) -> None:
     if plan.from_version is None and outcome != c.Phase.SUCCEEDED.value:
         ServeBackend(plan, Memory())  # connects
         remove_apps(plan.name)  # a failed first deploy leaves nothing behind, router included
-    st = store.Store(plan.store_url)
+    st = store.Store(_STORE_URL or plan.store_url)
     try:
         st.finish(plan.id, outcome)
     finally:
@@ -299,35 +306,76 @@ def dbos_config(url: str, executor_id: str) -> dict[str, Any]:
         "application_version": APP_VERSION,
         "log_level": "WARNING",
         "notification_listener_polling_interval_sec": 0.1,
+        "serializer": store.dbos_serializer(),
     }
 
 
 class ControllerProcess:
-    """This process as a rollout controller: DBOS launched under its own executor id."""
+    """This process as a rollout controller: DBOS launched under its own executor id, holding
+    the lease of every rollout it runs."""
 
     def __init__(self, url: str) -> None:
-        self.url = url
+        global _STORE_URL
+        self.url = _STORE_URL = url
         self.executor_id = store.new_executor_id()
-        self.lock = store.ExecutorLock(self.executor_id)
+        self.store = store.Store(url)
+        self.held: set[str] = set()
+        self._stop = threading.Event()
+        self._heartbeat = threading.Thread(target=self._renew, daemon=True, name="lease")
+        self._heartbeat.start()
         DBOS(config=dbos_config(url, self.executor_id))  # type: ignore[arg-type]
         DBOS.launch()
+        metrics.serve_from_env()
+
+    def _take(self, rollout_id: str) -> bool:
+        got = self.store.take_lease(
+            rollout_id, self.executor_id, store.holder_info(), store.lease_s()
+        )
+        if got:
+            self.held.add(rollout_id)
+        return got
+
+    def _renew(self) -> None:
+        """Renew every held lease a few times per lease; stop the process once one is lost or
+        could not be renewed before it expired (another controller may have it by then)."""
+        ttl = store.lease_s()
+        renewed = time.monotonic()
+        while not self._stop.wait(ttl / 4):
+            try:
+                for rollout_id in list(self.held):
+                    rec = self.store.get(rollout_id)
+                    if rec is not None and rec.outcome is not None:
+                        self.held.discard(rollout_id)  # ended: nothing left to guard
+                    elif not self.store.renew(rollout_id, self.executor_id, ttl):
+                        self._lost(f"the lease of {rollout_id} was taken over")
+                renewed = time.monotonic()
+            except Exception as e:  # the store is unreachable: hold on until the lease ends
+                if time.monotonic() - renewed > ttl * 0.8:
+                    self._lost(f"could not renew the lease for {ttl * 0.8:g} s ({e})")
+
+    def _lost(self, why: str) -> None:
+        print(f"controller {self.executor_id}: {why}; stopping", file=sys.stderr, flush=True)
+        os._exit(3)
 
     def start(self, plan: Plan) -> None:
+        if not self._take(plan.id):
+            raise RuntimeError(f"rollout {plan.id} is held by another controller")
         with SetWorkflowID(plan.id):
             DBOS.start_workflow(rollout_workflow, plan.model_dump_json())
 
     def take_over(self, rollout_id: str, plan: Plan) -> str:
-        """Resume a rollout whose controller died; says what happened."""
+        """Resume a rollout whose controller's lease expired; says what happened."""
         status = DBOS.get_workflow_status(rollout_id)
-        if status is None:  # its controller died before starting it
-            self.start(plan)
-            return "started"
-        if status.status not in ACTIVE:
+        if status is not None and status.status not in ACTIVE:
             return "ended"
-        if status.status == "PENDING":
-            if store.executor_alive(status.executor_id):
-                return "alive"
-            DBOS._recover_pending_workflows([status.executor_id])  # re-enqueue; one live taker
+        if not self._take(rollout_id):
+            return "alive"
+        if status is None:  # its controller died before starting it
+            with SetWorkflowID(plan.id):
+                DBOS.start_workflow(rollout_workflow, plan.model_dump_json())
+            return "started"
+        if status.status == "PENDING" and status.executor_id != self.executor_id:
+            DBOS._recover_pending_workflows([status.executor_id])  # re-run here from its steps
         return "recovered"
 
     def outcome(self, rollout_id: str) -> str:
@@ -345,4 +393,8 @@ class ControllerProcess:
             time.sleep(0.5)
 
     def close(self) -> None:
+        self._stop.set()
         DBOS.destroy()
+        for rollout_id in self.held:
+            self.store.release(rollout_id, self.executor_id)
+        self.store.dispose()

@@ -15,7 +15,7 @@ from typing import Annotated, TypeVar
 import typer
 from pydantic import ValidationError
 
-from rollout.errors import InputError, describe_validation_error
+from rollout.errors import InputError, describe_validation_error, mask_secrets
 
 app = typer.Typer(
     add_completion=False,
@@ -28,7 +28,7 @@ F = TypeVar("F", bound=Callable[..., object])
 
 
 def fail(message: str, code: int = 2) -> None:
-    typer.echo(f"rollout: error: {message}", err=True)
+    typer.echo(f"rollout: error: {mask_secrets(message)}", err=True)
     raise typer.Exit(code)
 
 
@@ -138,6 +138,45 @@ def history(
     history_command(rollout_id, as_json=json_)
 
 
+@app.command()
+@friendly
+def load(
+    trace: Annotated[Path, typer.Argument(metavar="TRACE", help="Trace CSV with token columns.")],
+    url: Annotated[str, typer.Option(help="Base URL of an OpenAI-compatible server.")],
+    time_scale: Annotated[
+        float, typer.Option("--time-scale", help="Divide trace times: 2 replays twice as fast.")
+    ] = 1.0,
+    rate_scale: Annotated[
+        float,
+        typer.Option(
+            "--rate-scale",
+            help="Multiply the request rate by thinning (<1) or copying (>1) requests.",
+        ),
+    ] = 1.0,
+    start_s: Annotated[
+        float, typer.Option("--start-s", help="Start this many trace seconds in.")
+    ] = 0.0,
+    duration_s: Annotated[
+        float | None, typer.Option("--duration-s", help="Replay this many trace seconds.")
+    ] = None,
+    out: OutDir = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model to ask for (default: the server's first).")
+    ] = None,
+    timeout_s: Annotated[
+        float, typer.Option("--timeout-s", help="Give up on one request after this long.")
+    ] = 600.0,
+    seed: Annotated[int, typer.Option(help="Seed of the prompts and of rate scaling.")] = 0,
+) -> None:
+    """Replay a trace open loop against a server: latency and TTFT per version."""
+    from measure.load import load_command
+
+    load_command(
+        trace, url, time_scale=time_scale, rate_scale=rate_scale, start_s=start_s,
+        duration_s=duration_s, out=out, model=model, timeout_s=timeout_s, seed=seed,
+    )  # fmt: skip
+
+
 def _control_command(name: str, control: str, doc: str) -> None:
     @app.command(name=name, help=doc)
     @friendly
@@ -167,6 +206,30 @@ def down(
     from executor.commands import down_command
 
     down_command(deploy_file)
+
+
+@app.command()
+@friendly
+def ui(
+    runs: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            metavar="[RUN_DIR]...",
+            help="Folders with simulated runs to list (out/ and reports/ are always searched).",
+        ),
+    ] = None,
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (beyond loopback: put it behind TLS).")
+    ] = "127.0.0.1",
+) -> None:
+    """Serve the live dashboard and /metrics; prints the URL to open (it carries a token)."""
+    import os
+
+    from ui.auth import TOKEN_ENV, new_token
+    from ui.server import serve
+
+    serve(host, port, runs or [], os.environ.get(TOKEN_ENV) or new_token())
 
 
 def main() -> None:

@@ -11,8 +11,14 @@ cancelled rollout ramps back with I = current):
     surge:        boundary → scale I up → wait for health → shift traffic + scale O down → stabilize
     unavailable:  boundary → scale O down → scale I up → wait for health → shift traffic → stabilize
 
+A first deploy is the same machine started from an empty current version: one step that starts
+all N candidates, with the same deadline, failed-start limit and controls. Failures of the
+backend arrive as part of the observation (`errors`, `error`, `seen`); too many in a row fail
+the rollout and roll it back, as a missed deadline does.
+
 Targets are absolute replica counts (scale to N, never by a delta), so replaying a decision or
-retrying an action is harmless.
+retrying an action is harmless: after a failed iteration the next decision first applies the
+recorded state again.
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ from rollout import history as h
 from rollout.planner import (
     candidate_share,
     headroom,
+    outgoing_removal,
     proportional_resize,
     ready_floor,
+    round_half_away,
     step_count,
     step_size,
 )
@@ -62,7 +70,7 @@ class Stage(StrEnum):
     SHIFT = "shift"
     STABILIZE = "stabilize"
     FINISHING = "finishing"  # the outgoing version drains away
-    ROLLBACK = "rollback"  # force-cancel or failure: all traffic back at once
+    ROLLBACK = "rollback"  # force-cancel, failure, or cancel of a first deploy: all at once
     DONE = "done"
 
 
@@ -95,9 +103,18 @@ class Observation:
     desired: int  # the pool's desired replica count (autoscaler or fleet size)
     current: VersionObservation
     candidate: VersionObservation
+    errors: int = 0  # consecutive failed iterations (observe or apply) up to this one
+    error: str = ""  # the last failure's message
+    seen: bool = True  # False: observing failed, and the counts above mean nothing
 
     def of(self, version: str) -> VersionObservation:
         return self.current if version == CURRENT else self.candidate
+
+    @classmethod
+    def unseen(cls, time: float, errors: int, error: str) -> Observation:
+        """What a failed observation tells the controller: only the time and the failure."""
+        empty = VersionObservation()
+        return cls(time, 0, empty, empty, errors=errors, error=error, seen=False)
 
 
 @dataclass(frozen=True)
@@ -138,10 +155,13 @@ class RolloutState:
     pause_requested: bool = False
     roll_forward_requested: bool = False
     fast_forward: bool = False
-    forced: str = ""  # "", "force_cancel" or "failed": a rollback that ignores the step cycle
+    # "", "force_cancel", "cancel" (of a first deploy) or "failed": a rollback that ignores the
+    # step cycle
+    forced: str = ""
     failure: str = ""  # why it failed
     waiting: str = ""  # the last thing it waited for (recorded once per reason)
     pending: tuple[Control, ...] = field(default_factory=tuple)
+    first_deploy: bool = False  # nothing served before: the current version has no replica
 
     def target(self, version: str) -> int:
         return self.current_target if version == CURRENT else self.candidate_target
@@ -149,6 +169,11 @@ class RolloutState:
     @property
     def terminal(self) -> bool:
         return self.phase.terminal
+
+    @property
+    def planned_steps(self) -> int:
+        """Steps a rollout of this size takes with no control and no resize."""
+        return 1 if self.first_deploy else step_count(self.policy, self.desired)
 
     def to_json(self) -> str:
         return _STATE.dump_json(self).decode()
@@ -175,16 +200,25 @@ class Decision:
     events: tuple[h.Event, ...]
 
 
-def start(policy: RolloutPolicy, desired: int, now: float) -> tuple[RolloutState, list[h.Event]]:
-    """A new rollout of a pool of `desired` replicas, all on the current version."""
+def start(
+    policy: RolloutPolicy, desired: int, now: float, first_deploy: bool = False
+) -> tuple[RolloutState, list[h.Event]]:
+    """A new rollout of a pool of `desired` replicas, all on the current version; or, for a
+    first deploy, of an empty pool (the current version has no replica and gets none)."""
     if desired < 1:
         raise ValueError(f"a rollout needs at least one replica (got {desired})")
-    state = RolloutState(policy=policy, desired=desired, current_target=desired)
+    state = RolloutState(
+        policy=policy,
+        desired=desired,
+        current_target=0 if first_deploy else desired,
+        first_deploy=first_deploy,
+    )
     started = h.RolloutStarted(
         t=now,
         policy=policy.model_dump(),
         desired=desired,
-        steps=step_count(policy, desired),
+        steps=state.planned_steps,
+        first_deploy=first_deploy,
     )
     return state, [started]
 
@@ -198,13 +232,23 @@ def control(state: RolloutState, ctl: Control, now: float) -> tuple[RolloutState
 
 
 def decide(state: RolloutState, obs: Observation) -> Decision:
+    """The next state, actions and events.
+
+    An unseen observation (observing failed) only counts the failure: no control is taken and
+    no action emitted without counts. After a failed iteration (some actions may be lost) a
+    decision first applies the recorded state again, then decides as usual.
+    """
     if state.terminal:
         return Decision(state, (), ())
     run = _Run(state, obs)
-    run.resize()
-    run.take_controls()
-    run.advance()
-    run.guard_weight()
+    run.backend_errors()
+    if obs.seen:
+        if obs.errors:
+            run.reassert()
+        run.resize()
+        run.take_controls()
+        run.advance()
+        run.guard_weight()
     return Decision(run.state(), tuple(run.actions), tuple(run.events))
 
 
@@ -217,6 +261,18 @@ class _Run:
         self.now = obs.time
         self.actions: list[Action] = []
         self.events: list[h.Event] = []
+        self.scaled: set[str] = set()  # versions this decision scales: not yet observed
+        # per version, replaying this decision's scale actions in order: the replicas live
+        # (targets not yet met count as live: the backend starts them), those the actions put
+        # to drain, and the lowest target (a replica a scale-down removed stays gone even if a
+        # later action scales the version up again: the new ones are not ready)
+        self.live: dict[str, int] = {}
+        self.dropped = {CURRENT: 0, CANDIDATE: 0}
+        self.low: dict[str, int] = {}
+        for v in (CURRENT, CANDIDATE):
+            o = obs.of(v)
+            self.live[v] = max(o.ready + o.starting, state.target(v))
+            self.low[v] = state.target(v)
 
     def state(self) -> RolloutState:
         return self.s
@@ -239,25 +295,38 @@ class _Run:
         self.s = replace(self.s, **changes)
 
     def _proj_ready(self, version: str) -> int:
-        """Ready replicas once targets below the ready count have been applied."""
-        return min(self.obs.of(version).ready, self.s.target(version))
+        """Ready replicas once this decision's actions are applied: a scale-down removes
+        starting replicas first, and replicas added since are not ready yet."""
+        return min(self.obs.of(version).ready, self.low[version])
 
     def _share(self) -> float | None:
         return candidate_share(self._proj_ready(CANDIDATE), self._proj_ready(CURRENT))
 
+    def _draining(self) -> int:
+        """Replicas draining once this decision's actions are applied: those draining now and
+        those its scale-downs remove."""
+        return sum(self.obs.of(v).draining + self.dropped[v] for v in (CURRENT, CANDIDATE))
+
     def _holding(self) -> int:
         """Replicas holding a GPU once the targets are met: starting, ready and draining."""
-        total = 0
-        for v in (CURRENT, CANDIDATE):
-            o = self.obs.of(v)
-            total += max(self.s.target(v), o.ready + o.starting) + o.draining
-        return total
+        return self._draining() + self.live[CURRENT] + self.live[CANDIDATE]
+
+    def _record_scale(self, version: str, replicas: int) -> None:
+        self.actions.append(ScaleTo(version, replicas))
+        self.scaled.add(version)
+        self.dropped[version] += max(0, self.live[version] - replicas)
+        self.live[version] = replicas
+        self.low[version] = min(self.low[version], replicas)
 
     def _cap(self) -> int:
         return self.n + headroom(self.s.policy, self.n)
 
     def _step(self) -> int:
-        return self.n if self.s.fast_forward else step_size(self.s.policy, self.n)
+        """Replicas one step replaces; a first deploy, or a roll-forward, takes all at once
+        (within the mode's bound)."""
+        if self.s.fast_forward or self.s.first_deploy:
+            return self.n
+        return step_size(self.s.policy, self.n)
 
     def _transition(self, stage: Stage, reason: str = "", phase: Phase | None = None) -> None:
         self._update(stage=stage, phase=phase or self.s.phase)
@@ -286,10 +355,14 @@ class _Run:
         before = self._share()
         field_name = "current_target" if version == CURRENT else "candidate_target"
         self._update(**{field_name: replicas})
+        self.low[version] = min(self.low[version], replicas)
         after = self._share()
-        if after is not None and before is not None and after < self.s.candidate_weight:
-            self._set_weight(after, f"{version} scaling down")
-        self.actions.append(ScaleTo(version, replicas))
+        if after is not None and before is not None:
+            # never above the share before nor after (a crash may have lowered it since)
+            safe = min(before, after)
+            if safe < self.s.candidate_weight:
+                self._set_weight(safe, f"{version} scaling")
+        self._record_scale(version, replicas)
         self.events.append(h.Scaled(t=self.now, version=version, replicas=replicas, reason=reason))
         if after is not None and self._proj_ready(CURRENT) == 0:
             self._set_weight(1.0, "no ready current replica left")
@@ -299,11 +372,80 @@ class _Run:
             self._update(waiting=reason)
             self.events.append(h.Waiting(t=self.now, reason=reason))
 
+    def _replaced(self) -> bool:
+        """All replicas are on the incoming version (targets): the last step is done."""
+        return self.s.target(self.incoming) >= self.n and self.s.target(self.outgoing) == 0
+
+    def _ignored(self, ctl: Control, reason: str) -> None:
+        self.events.append(h.ControlIgnored(t=self.now, control=ctl.value, reason=reason))
+
+    def _drop_requests(self, reason: str) -> None:
+        """A pause or roll-forward waiting for a step boundary that will not come (or that a
+        later control overrode) ends as ignored, never silently."""
+        for name, ctl in (
+            ("pause_requested", Control.PAUSE),
+            ("roll_forward_requested", Control.ROLL_FORWARD),
+        ):
+            if getattr(self.s, name):
+                self._update(**{name: False})
+                self._ignored(ctl, reason)
+
+    def _begin_rollback(self, forced: str, reason: str, dropped: str) -> None:
+        """Leave the step cycle: all traffic back, candidates removed (see `_rollback`)."""
+        self._drop_requests(dropped)
+        self._update(
+            forced=forced,
+            failure=reason if forced == "failed" else "",
+            fast_forward=False,
+            step_started_at=self.now,  # the rollback's own deadline counts from here
+        )
+        self._transition(Stage.ROLLBACK, reason, Phase.PROGRESSING)
+
     def _fail(self, reason: str) -> None:
-        self._update(forced="failed", failure=reason, fast_forward=False)
-        self._transition(Stage.ROLLBACK, reason)
+        self._begin_rollback("failed", reason, "the rollout failed")
 
     # ---- guards that run before the step cycle -------------------------------------------
+
+    def backend_errors(self) -> None:
+        """Failed iterations are observations: too many in a row fail the rollout."""
+        obs = self.obs
+        if obs.errors == 0:
+            return
+        limit = self.s.policy.max_backend_errors
+        failing = obs.errors > limit and not self.s.forced
+        if failing:
+            what = "iteration" if obs.errors == 1 else "iterations"
+            self._fail(
+                f"{obs.errors} {what} in a row failed (at most {limit} tolerated); "
+                f"the last: {obs.error}"
+            )
+        if not obs.seen:
+            self._wait(f"cannot observe the cluster: {obs.error}")
+        elif not failing:
+            self._wait(f"applying again after a failed iteration: {obs.error}")
+
+    def reassert(self) -> None:
+        """After a failed iteration some actions may be lost: first apply the recorded state
+        again, then decide as usual. The weight first, never above the candidate's share of
+        the replicas ready now nor once the targets hold; then the current version's target
+        before the candidate's, so the share only rises until the candidate's target holds."""
+        shares = [
+            x
+            for x in (
+                candidate_share(self.obs.candidate.ready, self.obs.current.ready),
+                self._share(),
+            )
+            if x is not None
+        ]
+        weight = min([self.s.candidate_weight, *shares])
+        if weight != self.s.candidate_weight:
+            self._update(candidate_weight=weight)
+            self.events.append(
+                h.WeightSet(t=self.now, candidate_weight=weight, reason="after a failed iteration")
+            )
+        self.actions.append(SetWeight(weight))
+        for v in (CURRENT, CANDIDATE):
+            self._record_scale(v, self.s.target(v))
 
     def resize(self) -> None:
         """Desired scale changed: keep the split, resize both versions (proportional scaling)."""
@@ -317,9 +459,11 @@ class _Run:
         if cur == 0 or cand == 0:
             sizes = {CURRENT: new_n if cur else 0, CANDIDATE: new_n if cand else 0}
         else:
-            allowed = min(round(total * new_n / old_n), self._cap())
+            allowed = min(round_half_away(total * new_n / old_n), self._cap())
             allowed = max(allowed, min(new_n, self._cap()))
             sizes = proportional_resize({CURRENT: cur, CANDIDATE: cand}, total, allowed)
+        if self.s.forced:  # a rollback removes candidates: never add one
+            sizes[CANDIDATE] = min(sizes[CANDIDATE], cand)
         self.events.append(
             h.Resized(
                 t=self.now,
@@ -347,24 +491,24 @@ class _Run:
         if ctl is Control.FORCE_CANCEL:
             if s.forced:
                 return "a rollback is already under way"
-            self._update(forced="force_cancel", fast_forward=False, pause_requested=False)
             self._applied(ctl)
-            self._transition(Stage.ROLLBACK, "force-cancel", Phase.PROGRESSING)
+            self._begin_rollback("force_cancel", "force-cancel", "superseded by force-cancel")
             return ""
         if s.forced:
-            return "a forced rollback is under way"
+            return "a rollback is under way"
         if ctl is Control.CANCEL:
             if s.direction is Direction.BACKWARD:
                 return "already cancelling"
-            self._update(
-                direction=Direction.BACKWARD,
-                fast_forward=False,
-                roll_forward_requested=False,
-                pause_requested=False,
-            )
             self._applied(ctl)
+            if s.first_deploy:  # nothing to ramp back to: remove the candidates
+                self._begin_rollback(
+                    "cancel", "cancel: withdrawing the first deploy", "superseded by cancel"
+                )
+                return ""
+            self._drop_requests("superseded by cancel")
+            self._update(direction=Direction.BACKWARD, fast_forward=False)
             # candidates still starting carry no traffic: stop them now
-            ready = self.obs.candidate.ready
+            ready = self._proj_ready(CANDIDATE)
             if self.s.candidate_target > ready:
                 self._scale(CANDIDATE, ready, "cancel: stop candidates still starting")
             self._transition(Stage.BOUNDARY, "cancel: ramping back", Phase.PROGRESSING)
@@ -374,6 +518,8 @@ class _Run:
                 return "rolling forward"
             if s.phase is Phase.PAUSED or s.pause_requested:
                 return "already paused"
+            if self._replaced():
+                return "nothing left to pause: all replicas replaced"
             self._update(pause_requested=True)
             return ""  # applied at the next step boundary
         if ctl is Control.RESUME:
@@ -382,15 +528,20 @@ class _Run:
                 self._transition(Stage.BOUNDARY, "resumed", Phase.PROGRESSING)
                 return ""
             if s.pause_requested:
-                self._update(pause_requested=False)
+                self._drop_requests("withdrawn by resume")
                 self._applied(ctl)
                 return ""
             return "not paused"
         if ctl is Control.ROLL_FORWARD:
             if s.fast_forward or s.roll_forward_requested:
                 return "already rolling forward"
-            self._update(roll_forward_requested=True, pause_requested=False)
-            if s.phase is Phase.PAUSED:
+            if s.direction is Direction.FORWARD and self._replaced():
+                return "nothing left to roll forward: all replicas replaced"
+            self._drop_requests("superseded by roll-forward")
+            self._update(roll_forward_requested=True)
+            if s.phase is Phase.PAUSED or s.stage is Stage.FINISHING:
+                # a paused rollout, or a cancel whose candidates are draining: the boundary
+                # comes at once
                 self._transition(Stage.BOUNDARY, "roll-forward", Phase.PROGRESSING)
             return ""
         raise AssertionError(ctl)
@@ -427,36 +578,46 @@ class _Run:
         if self.s.current_target == 0:
             return
         floor = max(1, ready_floor(self.s.policy, self.n))
-        if self.obs.candidate.ready >= floor:
+        if self._proj_ready(CANDIDATE) >= floor:
             self._scale(CURRENT, 0, "roll-forward: enough candidates ready")
             self._set_weight(1.0, "roll-forward")
             self._transition(Stage.SCALE_UP, "roll-forward: completing the candidate")
 
     def _boundary(self) -> None:
-        inc, out = self.incoming, self.outgoing
-        if self.s.target(inc) >= self.n and self.s.target(out) == 0:
-            self._transition(Stage.FINISHING, "all replicas replaced")
-            return
+        """Requests waiting for a boundary first (so the last step's are not lost), then
+        finish or start the next step."""
         if self.s.roll_forward_requested:
-            self._update(
-                roll_forward_requested=False,
-                fast_forward=True,
-                direction=Direction.FORWARD,
-                pause_requested=False,
-            )
-            self._applied(Control.ROLL_FORWARD)
+            self._update(roll_forward_requested=False)
+            if self.s.direction is Direction.FORWARD and self._replaced():
+                self._ignored(
+                    Control.ROLL_FORWARD, "nothing left to roll forward: all replicas replaced"
+                )
+            else:  # also reverses a cancel, even one that has ramped all the way back
+                self._update(fast_forward=True, direction=Direction.FORWARD)
+                self._applied(Control.ROLL_FORWARD)
         elif self.s.pause_requested:
             self._update(pause_requested=False)
-            self._applied(Control.PAUSE)
-            self._transition(Stage.BOUNDARY, "paused at a step boundary", Phase.PAUSED)
+            if self._replaced():
+                self._ignored(Control.PAUSE, "nothing left to pause: all replicas replaced")
+            else:
+                self._applied(Control.PAUSE)
+                self._transition(Stage.BOUNDARY, "paused at a step boundary", Phase.PAUSED)
+                return
+        if self._replaced():
+            self._transition(Stage.FINISHING, "all replicas replaced")
             return
+        self._begin_step(f"step {self.s.step + 1}")
+
+    def _begin_step(self, reason: str) -> None:
+        """Start a step (or, rolling forward, the next part of the one last step): its
+        deadline and failed-start count start here."""
         self._update(
             step_started_at=self.now,
-            failed_starts_at_step=self.obs.of(inc).failed_starts,
+            failed_starts_at_step=self.obs.of(self.incoming).failed_starts,
             stabilize_until=None,
         )
         first = Stage.SCALE_UP if self.s.policy.mode is Mode.SURGE else Stage.SCALE_DOWN
-        self._transition(first, f"step {self.s.step + 1}")
+        self._transition(first, reason)
 
     def _deadline_passed(self) -> bool:
         inc = self.obs.of(self.incoming)
@@ -476,11 +637,14 @@ class _Run:
         return False
 
     def _scale_down(self) -> None:
-        """Unavailable mode: remove outgoing replicas first, down to the ready floor."""
+        """Unavailable mode: remove outgoing replicas first, unready ones before ready ones
+        (these only down to the ready floor), as Kubernetes does."""
         out = self.outgoing
+        o = self.obs.of(out)
         floor = ready_floor(self.s.policy, self.n)
         ready = self._proj_ready(CURRENT) + self._proj_ready(CANDIDATE)
-        remove = min(self._step(), self.s.target(out), max(0, ready - floor))
+        unready = max(0, min(o.starting, self.s.target(out) - o.ready))
+        remove = sum(outgoing_removal(self._step(), self.s.target(out), unready, ready, floor))
         if remove > 0:
             self._scale(out, self.s.target(out) - remove, f"step {self.s.step + 1}: make room")
         elif self.n - self._holding() <= 0 and self.s.target(self.incoming) < self.n:
@@ -496,7 +660,7 @@ class _Run:
             self._transition(Stage.WAIT_HEALTHY)
             return
         room = self._cap() - self._holding()
-        draining = self.obs.current.draining + self.obs.candidate.draining
+        draining = self._draining()
         out = self.outgoing
         surplus = self.s.target(inc) + self.s.target(out) - self.n
         if room < need and surplus > 0:
@@ -504,6 +668,10 @@ class _Run:
             self._scale(out, self.s.target(out) - surplus, "retire the interrupted step's surplus")
             return
         add = need if room >= need else (room if draining == 0 else 0)
+        if add <= 0 and draining == 0 and self.s.policy.mode is Mode.UNAVAILABLE:
+            # the pool shrank after this step made room (a resize): make room again
+            self._transition(Stage.SCALE_DOWN, "the pool shrank: make room again")
+            return
         if add <= 0:
             if not self._deadline_passed():
                 self._wait(f"waiting for GPUs under the bound of {self._cap()} replicas")
@@ -515,7 +683,7 @@ class _Run:
         inc = self.incoming
         o = self.obs.of(inc)
         target = self.s.target(inc)
-        if o.ready >= target:
+        if self._proj_ready(inc) >= target:
             self._transition(Stage.SHIFT, f"{target} {inc} replicas healthy")
             return
         if self._deadline_passed():
@@ -533,6 +701,10 @@ class _Run:
         share = self._share()
         if share is not None:
             self._set_weight(share, f"step {self.s.step + 1}: share of ready replicas")
+        if self.s.fast_forward and not self._replaced():
+            # rolling forward, the rest of the rollout is one step: go on without completing it
+            self._begin_step("roll-forward: more candidates")
+            return
         step = self.s.step + 1
         self._update(step=step)
         self.events.append(
@@ -545,7 +717,7 @@ class _Run:
                 candidate_replicas=self.s.candidate_target,
             )
         )
-        last = self.s.target(out) == 0 and self.s.target(self.incoming) >= self.n
+        last = self._replaced()
         wait = 0.0 if (last or self.s.fast_forward) else self.s.policy.stabilization_time_seconds
         self._update(stabilize_until=self.now + wait)
         self._transition(Stage.STABILIZE)
@@ -565,42 +737,73 @@ class _Run:
         share = self._share()
         if share is not None and self._proj_ready(inc) > 0:
             self._set_weight(share, "rollout complete")
-        if self.obs.of(out).holding == 0 and self.obs.of(inc).ready > 0:
+        # a version is gone once observed gone after its last change, not in the decision that
+        # scales it (a backend applying actions one by one may start and stop one meanwhile)
+        if out not in self.scaled and self.obs.of(out).holding == 0 and self._proj_ready(inc):
             outcome = Phase.SUCCEEDED if inc == CANDIDATE else Phase.CANCELLED
             self._finish(outcome, "all traffic on the " + inc)
         else:
             self._wait(f"waiting for the {out} replicas to drain")
 
     def _rollback(self) -> None:
-        """Force-cancel or failure: traffic back at once, candidates removed."""
+        """Force-cancel, failure or a first deploy's cancel: traffic back at once, candidates
+        removed, the current version refilled (a first deploy has none: it ends empty). Past
+        its own deadline it still serves what it can and says what it waits for."""
         cur = self.obs.current
+        first = self.s.first_deploy
+        n_current = 0 if first else self.n
         room = self._cap() - self._holding()
-        need = self.n - self.s.current_target
+        need = n_current - self.s.current_target
         if need > 0 and room > 0:
             self._scale(CURRENT, self.s.current_target + min(need, room), "rollback")
         # without a ready current replica, removing candidates would strand traffic, unless
         # the mode's bound leaves the current version no room to start (unavailable, tiny pools)
-        no_room = cur.ready == 0 and cur.starting == 0 and room <= 0
-        if cur.ready > 0 or no_room:
-            if cur.ready > 0:
+        cur_ready = self._proj_ready(CURRENT)
+        no_room = cur_ready == 0 and cur.starting == 0 and room <= 0
+        if first or cur_ready > 0 or no_room:
+            if cur_ready > 0:
                 self._set_weight(0.0, "rollback")
             self._scale(CANDIDATE, 0, "rollback")
-        elif self.s.candidate_target > 0:
-            self._wait("rollback: waiting for a ready current replica before moving traffic")
         done = (
             self.s.candidate_target == 0
+            and CANDIDATE not in self.scaled
             and self.obs.candidate.holding == 0
-            and self.s.current_target == self.n
-            and cur.ready > 0
+            and self.s.current_target == n_current
+            and (first or cur_ready > 0)
         )
         if done:
             self._set_weight(0.0, "rollback")
             outcome = Phase.FAILED if self.s.forced == "failed" else Phase.CANCELLED
-            self._finish(outcome, self.s.failure or "force-cancel")
-        elif self.s.candidate_target == 0:
-            self._wait("rollback: waiting for candidates to drain")
+            why = {"force_cancel": "force-cancel", "cancel": "cancel: first deploy withdrawn"}
+            self._finish(outcome, self.s.failure or why[self.s.forced])
+            return
+        what = self._rollback_waits_for(n_current)
+        deadline = self.s.policy.progress_deadline_seconds
+        if self.now - self.s.step_started_at > deadline:
+            cand = self.obs.candidate
+            self._wait(
+                f"rollback past its deadline of {deadline:g} s, waiting for {what}; "
+                f"serving on {cur.ready} current and {cand.ready} candidate replicas"
+            )
+        else:
+            self._wait(f"rollback: waiting for {what}")
+
+    def _rollback_waits_for(self, n_current: int) -> str:
+        cur, cand = self.obs.current, self.obs.candidate
+        starting = f"{cur.starting} starting" + (
+            f", {cur.pending_gpu} of them waiting for a GPU" if cur.pending_gpu else ""
+        )
+        if self.s.candidate_target > 0:
+            return f"a ready current replica before moving traffic back ({starting})"
+        if cand.holding > 0:
+            return f"{cand.holding} candidate replicas to drain"
+        if self.s.current_target < n_current:
+            more = n_current - self.s.current_target
+            return f"room for {more} more current replicas under the bound of {self._cap()}"
+        return f"a ready current replica ({starting})"
 
     def _finish(self, outcome: Phase, reason: str) -> None:
+        self._drop_requests("rollout ended")
         self._update(phase=outcome, stage=Stage.DONE, waiting="")
         self.actions.append(Finish(outcome))
         self.events.append(h.Finished(t=self.now, outcome=outcome.value, reason=reason))

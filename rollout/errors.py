@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
 from pydantic import ValidationError
+
+_URL_PASSWORD = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^:/@\s'\"]*:)[^@\s'\"]+@")
+
+
+def mask_secrets(text: str) -> str:
+    """`scheme://user:password@host` → `scheme://user:***@host` wherever it occurs."""
+    return _URL_PASSWORD.sub(r"\1***@", text)
 
 
 class InputError(Exception):
@@ -22,4 +31,4 @@ def describe_validation_error(err: ValidationError, where: str = "") -> str:
     msg = msg.removeprefix("Value error, ")
     got = first.get("input")
     shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
-    return f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}"
+    return mask_secrets(f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}")

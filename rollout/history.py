@@ -23,6 +23,7 @@ class RolloutStarted(_Event):
     policy: dict[str, float]
     desired: int
     steps: int
+    first_deploy: bool = False  # nothing served before: the rollout starts from an empty pool
 
 
 class ControlReceived(_Event):

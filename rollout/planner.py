@@ -3,7 +3,8 @@
 Rounding follows Kubernetes (`intstr.GetScaledValueFromIntOrPercent`): a surge percentage
 rounds up, an unavailable percentage rounds down, and a step always changes at least one
 replica (Kubernetes' `ResolveFenceposts` falls back to one unavailable replica for the same
-reason: a step of zero would never finish).
+reason: a step of zero would never finish). Proportions round halves away from zero, as Go's
+`math.Round` does (Python's `round()` rounds halves to even: 2.5 → 2 where Go gives 3).
 """
 
 from __future__ import annotations
@@ -62,9 +63,33 @@ def candidate_share(candidate_ready: int, current_ready: int) -> float | None:
     return candidate_ready / total
 
 
-def _round_half_away(x: float) -> int:
-    """Go's math.Round, which Kubernetes uses: halves round away from zero."""
+def outgoing_removal(
+    budget: int, target: int, unready: int, ready: int, floor: int
+) -> tuple[int, int]:
+    """Outgoing replicas one unavailable-mode step removes, as (unready, ready): unready ones
+    first, then ready ones down to the floor, `budget` (the step) in all.
+
+    Kubernetes' `reconcileOldReplicaSets`: `cleanupUnhealthyReplicas` removes unavailable old
+    pods first (they serve nothing, so the ready floor is untouched), then
+    `scaleDownOldReplicaSetsForRollingUpdate` removes available ones down to `MinAvailable`.
+    `ready` counts both versions. 10 old, budget 2, floor 8: all ready → (0, 2); 9 ready →
+    (1, 1); 8 ready → (2, 0); 1 ready → (2, 0), never a ready one below the floor.
+    """
+    unready_gone = min(budget, unready, target)
+    ready_gone = min(budget - unready_gone, target - unready_gone, max(0, ready - floor))
+    return unready_gone, ready_gone
+
+
+def round_half_away(x: float) -> int:
+    """Go's math.Round, which Kubernetes uses: halves round away from zero (2.5 → 3)."""
     return math.floor(x + 0.5) if x >= 0 else -math.floor(-x + 0.5)
+
+
+def proportion(size: int, old_allowed: int, new_allowed: int) -> int:
+    """How much a version of `size` grows (or shrinks) when its pool's allowed size changes:
+    round(size · new / old) − size (Kubernetes' `getReplicaSetFraction`). 50 of 110 → 130:
+    +9; 6 of 12 → 10: −1."""
+    return round_half_away(size * new_allowed / old_allowed) - size
 
 
 def proportional_resize(
@@ -97,7 +122,7 @@ def proportional_resize(
         left = to_add - added
         if size == 0 or left == 0:
             continue
-        fraction = _round_half_away(size * new_allowed / old_allowed) - size
+        fraction = proportion(size, old_allowed, new_allowed)
         prop = min(fraction, left) if to_add > 0 else max(fraction, left)
         new[name] = size + prop
         added += prop

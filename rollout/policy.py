@@ -26,6 +26,9 @@ class RolloutPolicy(BaseModel):
     stabilization_time_seconds: float = Field(0.0, ge=0, le=3600)
     progress_deadline_seconds: float = Field(600.0, gt=0, le=86400)
     max_start_failures: int = Field(3, ge=0, le=1000)
+    # consecutive iterations whose observe or apply failed (a timeout, a lost connection, a
+    # rejected config) tolerated before the rollout fails and rolls back
+    max_backend_errors: int = Field(5, ge=0, le=1000)
 
     @model_validator(mode="after")
     def _exactly_one_mode(self) -> RolloutPolicy:

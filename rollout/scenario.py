@@ -325,6 +325,12 @@ class Scenario(_Strict):
                 f"fleet.gpu_capacity ({self.fleet.gpu_capacity}) is below the "
                 f"{need} GPUs the initial {self.fleet.replicas} replicas need"
             )
+        if self.autoscaling is not None and self.autoscaling.min_replicas == 0:
+            # the policy scales to zero, but a simulated rollout cannot yet start from an
+            # empty pool: refuse it here rather than fail mid-run
+            raise ValueError(
+                "autoscaling.min_replicas 0 (scale to zero) is not simulated yet; use 1 or more"
+            )
         return self
 
     def with_policy(self, policy: RolloutPolicy) -> Scenario:

@@ -123,6 +123,9 @@ class Simulation:
 
     # ---- the backend protocol (rollout.driver.Backend) -----------------------------------
 
+    def clock(self) -> float:
+        return self.env.now
+
     def observe(self) -> c.Observation:
         return c.Observation(
             time=self.env.now,

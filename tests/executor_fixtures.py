@@ -33,12 +33,15 @@ class RayCluster:
     port: int
     address: str
     tmp: Path
+    pid: int  # `ray start`, the root of every process of the cluster
+    agent_port: int  # the dashboard agent's HTTP server
 
     def env(self) -> dict[str, str]:
         return dict(
             os.environ,
             ROLLOUT_HOME=str(self.home),
             ROLLOUT_TICK_S="0.25",
+            ROLLOUT_LEASE_S="3",  # a killed controller's rollout is free to take over soon
             PYTHONPATH=str(REPO),
         )
 
@@ -72,16 +75,19 @@ class RayCluster:
         path.write_text(yaml.safe_dump(spec))
         return path
 
-    def cli(self, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, timeout: float = 240, cwd: Path = REPO, **env: str
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "rollout.cli", *args],
-            cwd=REPO, env=self.env(), capture_output=True, text=True, timeout=timeout,
+            cwd=cwd, env={**self.env(), **env}, capture_output=True, text=True, timeout=timeout,
         )  # fmt: skip
 
-    def popen(self, *args: str) -> subprocess.Popen[str]:
+    def popen(self, *args: str, **env: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
             [sys.executable, "-m", "rollout.cli", *args],
-            cwd=REPO, env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=REPO, env={**self.env(), **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
         )  # fmt: skip
 
     def status(self, rollout_id: str) -> dict[str, Any]:
@@ -97,7 +103,7 @@ class RayCluster:
         st, rec = store.find(rollout_id)
         if st.url not in _CLIENTS:
             _CLIENTS[st.url] = status.client(st.url)
-        return status.read_status(_CLIENTS[st.url], rec)
+        return status.read_status(_CLIENTS[st.url], rec, st.lease(rollout_id))
 
     def history(self, rollout_id: str) -> list[dict[str, Any]]:
         out = self.cli("history", rollout_id, "--json")
@@ -131,12 +137,16 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
     """A local cluster with logical GPUs started the way `rollout deploy` starts it."""
     import ray
     from ray import serve
+    from ray._private import ray_constants
 
-    from executor import cluster
+    from executor import auth, cluster
 
     tmp = tmp_path_factory.mktemp("executor")
     home = tmp / "home"
-    saved = {k: os.environ.get(k) for k in ("ROLLOUT_HOME", "ROLLOUT_TICK_S")}
+    # starting and joining the cluster sets Ray's authentication variables in this process
+    keys = ("ROLLOUT_HOME", "ROLLOUT_TICK_S", auth.MODE, auth.TOKEN, auth.TOKEN_PATH)
+    saved = {k: os.environ.get(k) for k in (*keys, cluster.SINGLE_NODE)}
+    multi_node = ray_constants.ENABLE_RAY_CLUSTER
     os.environ["ROLLOUT_HOME"] = str(home)
     os.environ["ROLLOUT_TICK_S"] = "0.25"
     cwd = os.getcwd()
@@ -149,7 +159,8 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
     try:
         cluster.connect(info.address)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield RayCluster(home, port, info.address, tmp)
+        assert info.agent_port is not None
+        yield RayCluster(home, port, info.address, tmp, info.pid, info.agent_port)
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -159,6 +170,8 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        auth.reload()
+        ray_constants.ENABLE_RAY_CLUSTER = multi_node
 
 
 # ---- looking at the cluster ------------------------------------------------------------------

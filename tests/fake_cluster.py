@@ -2,7 +2,9 @@
 
 Replicas start after a per-replica delay, may fail to start, go ready, and drain for a fixed
 time when removed; every replica holds a GPU from start to the end of its drain. It records
-every applied action so tests can assert on them.
+every applied action so tests can assert on them. `first_deploy` starts it empty; `outages`
+(time windows) and `error_prob` make observe and apply raise `BackendError`, an apply after
+applying a random prefix of its actions, as a backend that fails half way does.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from rollout import controller as c
+from rollout.driver import BackendError
 
 
 @dataclass
@@ -30,7 +33,9 @@ class FakeCluster:
     drain_s: float = 1.0
     fail_prob: float = 0.0  # chance that a candidate start fails (it is retried)
     fail_versions: tuple[str, ...] = (c.CANDIDATE,)
-    gpus: int | None = None  # None: unlimited; else replicas beyond wait for a GPU
+    first_deploy: bool = False  # nothing runs yet: the current version has no replica
+    outages: list[tuple[float, float]] = field(default_factory=list)  # [from, until) windows
+    error_prob: float = 0.0  # chance that one observe or apply fails
     weight: float = 0.0
     replicas: dict[str, list[Replica]] = field(default_factory=dict)
     targets: dict[str, int] = field(default_factory=dict)
@@ -39,8 +44,9 @@ class FakeCluster:
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
-        self.replicas = {c.CURRENT: [Replica(0.0) for _ in range(self.desired)], c.CANDIDATE: []}
-        self.targets = {c.CURRENT: self.desired, c.CANDIDATE: 0}
+        live = 0 if self.first_deploy else self.desired
+        self.replicas = {c.CURRENT: [Replica(0.0) for _ in range(live)], c.CANDIDATE: []}
+        self.targets = {c.CURRENT: live, c.CANDIDATE: 0}
         self.failed = {c.CURRENT: 0, c.CANDIDATE: 0}
 
     # ---- what holds GPUs ---------------------------------------------------------------
@@ -64,7 +70,21 @@ class FakeCluster:
             ready=ready, starting=starting, draining=draining, failed_starts=self.failed[version]
         )
 
+    def clock(self) -> float:
+        return self.now
+
+    def _maybe_fail(self, what: str) -> None:
+        if any(lo <= self.now < hi for lo, hi in self.outages):
+            raise BackendError(f"{what}: the cluster is unreachable")
+        if self.error_prob and self.rng.random() < self.error_prob:
+            raise BackendError(f"{what} timed out")
+
     def observe(self) -> c.Observation:
+        self._maybe_fail("observe")
+        return self.snapshot()
+
+    def snapshot(self) -> c.Observation:
+        """What the cluster looks like, even while observing it fails (for checks)."""
         return c.Observation(
             time=self.now,
             desired=self.desired,
@@ -75,6 +95,15 @@ class FakeCluster:
     # ---- applying actions ---------------------------------------------------------------
 
     def apply(self, actions: Sequence[c.Action]) -> None:
+        try:
+            self._maybe_fail("apply")
+        except BackendError:
+            if actions:  # fail half way: a prefix is applied
+                self._apply(actions[: self.rng.randrange(len(actions))])
+            raise
+        self._apply(actions)
+
+    def _apply(self, actions: Sequence[c.Action]) -> None:
         for a in actions:
             self.applied.append(a)
             if isinstance(a, c.ScaleTo):

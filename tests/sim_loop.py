@@ -12,6 +12,7 @@ from rollout.driver import Driver
 from rollout.policy import RolloutPolicy
 
 Check = Callable[[Driver, FakeCluster, c.Decision, c.Observation, float], None]
+BACKOFF_S = 1.0  # after a failed iteration, as a real backend waits before trying again
 
 
 @dataclass
@@ -32,6 +33,7 @@ def next_time(d: Driver, cl: FakeCluster, script: Script) -> float:
     times.append(s.step_started_at + s.policy.progress_deadline_seconds + 1e-6)
     times += [t for t, _ in script.controls] + [t for t, _ in script.desired]
     times += [t for t, _ in script.crashes]
+    times += [t for window in cl.outages for t in window]
     later = [t for t in times if t is not None and t > now]
     return min(later) if later else now + 1.0
 
@@ -47,7 +49,7 @@ def run(
     controls = sorted(script.controls, key=lambda x: x[0])
     desired = sorted(script.desired, key=lambda x: x[0])
     crashes = sorted(script.crashes, key=lambda x: x[0])
-    d = Driver.begin(policy, cluster.desired, cluster.now)
+    d = Driver.begin(policy, cluster.desired, cluster.now, first_deploy=cluster.first_deploy)
     for _ in range(max_decisions):
         while controls and controls[0][0] <= cluster.now:
             d.control(controls.pop(0)[1], cluster.now)
@@ -55,12 +57,16 @@ def run(
             cluster.desired = desired.pop(0)[1]
         while crashes and crashes[0][0] <= cluster.now:
             cluster.crash_ready(crashes.pop(0)[1])
-        seen, weight = cluster.observe(), cluster.weight
+        seen, weight = cluster.snapshot(), cluster.weight
         decision = d.tick(cluster)
         if check:
             check(d, cluster, decision, seen, weight)
         if d.done:
             return d
+        if d.errors:  # the iteration failed: back off, then try again
+            step = next_time(d, cluster, Script(controls, desired, crashes)) - cluster.now
+            cluster.advance(min(BACKOFF_S, step))
+            continue
         if decision.actions:  # a backend looks again right after applying
             continue
         if d.state.phase is c.Phase.PAUSED and not controls:

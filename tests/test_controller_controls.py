@@ -2,6 +2,7 @@
 
 import re
 
+import pytest
 from fake_cluster import FakeCluster
 from sim_loop import Script, run
 
@@ -198,3 +199,141 @@ def test_state_round_trips_through_json_at_every_step():
         back = c.RolloutState.from_json(state.to_json())
         assert back == state
         assert c.decide(back, obs) == c.decide(state, obs)
+
+
+# ---- first deploys: the same controller from an empty current version -----------------------
+
+
+@pytest.mark.parametrize("policy", [SURGE, UNAVAIL], ids=["surge", "unavailable"])
+def test_a_first_deploy_starts_every_replica_in_one_step(policy):
+    cl = FakeCluster(desired=4, start_delay=(2, 9), seed=1, first_deploy=True)
+    ready_at = {}
+
+    def check(d, cluster, decision, seen, weight):
+        if cluster.count(c.CANDIDATE).ready and "first" not in ready_at:
+            ready_at["first"] = (cluster.now, cluster.weight)
+
+    d = run(policy, cl, check=check)
+    started = d.history[0]
+    assert started.first_deploy and started.steps == 1
+    assert cl.applied[0] == c.ScaleTo(c.CANDIDATE, 4)  # all at once, as Kubernetes does
+    assert [s.candidate_replicas for s in events(d, "step_completed")] == [4]
+    # traffic goes to the first ready replica: there is no other version to serve it
+    t_first, weight = ready_at["first"]
+    assert weight == 1.0 and t_first < events(d, "step_completed")[0].t
+    assert d.state.phase is c.Phase.SUCCEEDED and cl.count(c.CURRENT).holding == 0
+
+
+def test_cancelling_a_first_deploy_removes_its_candidates():
+    cl = FakeCluster(desired=4, start_delay=(5, 50), seed=2, first_deploy=True)
+    d = run(SURGE, cl, Script([(20.0, c.Control.CANCEL)]))
+    assert d.state.phase is c.Phase.CANCELLED
+    assert events(d, "finished")[0].reason == "cancel: first deploy withdrawn"
+    assert [e.control for e in events(d, "control_applied")] == ["cancel"]
+    assert not events(d, "step_completed")  # nothing ramps back: there is nothing to go to
+    assert cl.weight == 0.0 and cl.count(c.CANDIDATE).holding == 0
+    assert d.state.current_target == d.state.candidate_target == 0
+
+
+def test_a_first_deploy_past_its_deadline_fails_and_leaves_nothing():
+    policy = RolloutPolicy(max_unavailable_percent=25, progress_deadline_seconds=60)
+    cl = FakeCluster(desired=3, start_delay=(1e9, 1e9), first_deploy=True)
+    d = run(policy, cl)
+    assert d.state.phase is c.Phase.FAILED
+    assert d.state.failure == (
+        "step 1 exceeded its progress deadline of 60 s: 0 of 3 candidate replicas ready"
+    )
+    assert cl.count(c.CANDIDATE).holding == 0
+
+
+def test_pause_and_roll_forward_during_a_first_deploy_are_ignored_with_a_reason():
+    cl = FakeCluster(desired=2, start_delay=(5, 5), first_deploy=True)
+    d = run(SURGE, cl, Script([(1.0, c.Control.PAUSE), (2.0, c.Control.ROLL_FORWARD)]))
+    assert d.state.phase is c.Phase.SUCCEEDED
+    # its one step is under way from the start: all replicas are already the candidate's
+    assert [(e.control, e.reason) for e in events(d, "control_ignored")] == [
+        ("pause", "nothing left to pause: all replicas replaced"),
+        ("roll_forward", "nothing left to roll forward: all replicas replaced"),
+    ]
+
+
+# ---- controls that arrive during the last step ------------------------------------------------
+
+
+def test_a_roll_forward_during_the_last_backward_step_reverses_the_cancel():
+    """Cancel at 90 s ramps back step by step; a roll-forward sent while the last backward step
+    runs takes effect at its boundary, when all replicas are back: forward again, to the end."""
+    script = [(90.0, c.Control.CANCEL)]
+    cancelled = run(SURGE, FakeCluster(desired=10, start_delay=(5, 5)), Script(list(script)))
+    back = [e for e in events(cancelled, "transition") if e.direction == "backward"]
+    last_start = next(e.t for e in back if e.reason == f"step {cancelled.state.step}")
+    last_end = events(cancelled, "step_completed")[-1].t
+    assert last_start < last_end
+    during = (last_start + last_end) / 2
+    d = run(
+        SURGE,
+        FakeCluster(desired=10, start_delay=(5, 5)),
+        Script([*script, (during, c.Control.ROLL_FORWARD)]),
+    )
+    assert d.state.phase is c.Phase.SUCCEEDED
+    (applied,) = [e for e in events(d, "control_applied") if e.control == "roll_forward"]
+    assert applied.t == last_end  # at the boundary after the last backward step
+    steps = events(d, "step_completed")
+    assert steps[-2].direction == "backward" and steps[-2].candidate_replicas == 0
+    assert steps[-1].direction == "forward" and steps[-1].candidate_replicas == 10
+
+
+def test_a_pause_during_the_last_step_is_ignored_with_a_reason():
+    """Steps of 3 on 10 replicas: the fourth (last) starts at 3·(5 + 30) = 105 s."""
+    d = run(SURGE, FakeCluster(desired=10, start_delay=(5, 5)), Script([(107.0, c.Control.PAUSE)]))
+    assert d.state.phase is c.Phase.SUCCEEDED
+    assert [(e.control, e.reason) for e in events(d, "control_ignored")] == [
+        ("pause", "nothing left to pause: all replicas replaced")
+    ]
+
+
+def test_a_roll_forward_makes_the_rest_of_the_rollout_one_step():
+    """3 replicas, surge 25 % (one per step), stabilization 600 s: rolled forward during the
+    stabilization after step 1, the remaining two replicas are replaced in one more step (the
+    surge bound still adds one at a time), with no stabilization: 2 steps in all, not 3."""
+    policy = RolloutPolicy(max_surge_percent=25, stabilization_time_seconds=600)
+    d = run(
+        policy, FakeCluster(desired=3, start_delay=(5, 5)), Script([(20.0, c.Control.ROLL_FORWARD)])
+    )
+    assert d.state.phase is c.Phase.SUCCEEDED
+    (applied,) = events(d, "control_applied")
+    assert (applied.control, applied.t) == ("roll_forward", 20.0)
+    steps = events(d, "step_completed")
+    assert [(s.t, s.candidate_replicas) for s in steps] == [(5.0, 1), (31.0, 3)]
+    assert not [e for e in events(d, "waiting") if e.t > 20 and "stabiliz" in e.reason]
+
+
+@pytest.mark.parametrize(
+    "later,reason",
+    [
+        (c.Control.CANCEL, "superseded by cancel"),
+        (c.Control.FORCE_CANCEL, "superseded by force-cancel"),
+        (c.Control.RESUME, "withdrawn by resume"),
+    ],
+)
+def test_a_pending_pause_overridden_by_a_later_control_is_ignored(later, reason):
+    d = run(
+        SURGE,
+        FakeCluster(desired=10, start_delay=(5, 5)),
+        Script([(1.0, c.Control.PAUSE), (2.0, later)]),
+    )
+    assert [(e.control, e.reason) for e in events(d, "control_ignored")] == [("pause", reason)]
+    assert [e.control for e in events(d, "control_applied")] == [later.value]
+
+
+def test_a_pool_shrinking_in_the_middle_of_an_unavailable_step_makes_room_again():
+    """N = 2, 1 % unavailable: step 1 removes one current replica to make room; the pool
+    shrinks to 1 before the candidate starts, so the one current replica left fills the new
+    bound. The step removes it too (the floor of 1 − 1 = 0 allows it) instead of waiting for
+    room until its deadline."""
+    policy = RolloutPolicy(max_unavailable_percent=1, progress_deadline_seconds=600)
+    cl = FakeCluster(desired=2, start_delay=(1, 1), drain_s=1.0)
+    d = run(policy, cl, Script(desired=[(0.5, 1)]))
+    assert d.state.phase is c.Phase.SUCCEEDED
+    assert events(d, "finished")[0].t < 10
+    assert "the pool shrank: make room again" in [e.reason for e in events(d, "transition")]

@@ -3,9 +3,7 @@ executor's pure pieces (router choice, config merging, history reading) without 
 
 from __future__ import annotations
 
-import collections
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -130,39 +128,39 @@ def test_unknown_rollout_id(tmp_path: Path, args: list[str]) -> None:
 # ---- the router's choice ---------------------------------------------------------------------
 
 
-def test_router_splits_by_weight_and_never_picks_weight_zero() -> None:
-    router = Router.func_or_class.__new__(Router.func_or_class)
-    Router.func_or_class.__init__(router)
-    router.handles = {"m_v1": object(), "m_v2": object()}  # skip real handles
-    route = {"version": "v1", "app": "m_v1", "deployment": "Model"}
-    router.routes = [r for r in [route | {"weight": 0.0}, {**route, "version": "v2",
-                     "app": "m_v2", "weight": 1.0}] if r["weight"] > 0]  # fmt: skip
-    random.seed(1)
-    assert {router._choose()["version"] for _ in range(500)} == {"v2"}
-    router.routes = [route | {"weight": 0.3}, {**route, "version": "v2", "weight": 0.7}]
-    counts = collections.Counter(router._choose()["version"] for _ in range(4000))
-    assert abs(counts["v2"] / 4000 - 0.7) < 0.03
-    router.routes = []
-    assert router._choose() is None
-
-
 def test_router_reconfigure_drops_zero_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The router takes the controller's routes from its user_config (the choice by weight is
+    tested in test_router_units.py): zero weights are dropped, handles made once per app."""
+    import asyncio
+
     import executor.router as r
 
-    monkeypatch.setattr(r.serve, "get_deployment_handle", lambda dep, app: f"handle:{app}")
-    router = Router.func_or_class()
-    router.reconfigure(
-        {
-            "stamp": 7,
-            "routes": [
-                {"version": "v1", "app": "m_v1", "deployment": "Model", "weight": 0.0},
-                {"version": "v2", "app": "m_v2", "deployment": "Model", "weight": 1.0},
-            ],
-        }
-    )
-    assert router.stats()["stamp"] == 7
-    assert router.stats()["weights"] == {"v2": 1.0}
-    assert router.handles == {"m_v2": "handle:m_v2"}
+    class Handle:
+        def __init__(self, app: str) -> None:
+            self.app, self.source = app, None
+
+        def _init(self, **options: Any) -> None:
+            self.source = options["_source"]
+
+        def options(self, **options: Any) -> tuple[str, Any, bool]:
+            return self.app, self.source, options["stream"]
+
+    monkeypatch.setattr(r.serve, "get_deployment_handle", lambda dep, app: Handle(app))
+    router = Router.func_or_class.__new__(Router.func_or_class)
+    asyncio.run(Router.func_or_class.__init__(router))
+    config = {
+        "stamp": 7,
+        "routes": [
+            {"version": "v1", "app": "m_v1", "deployment": "Model", "weight": 0.0},
+            {"version": "v2", "app": "m_v2", "deployment": "Model", "weight": 1.0},
+        ],
+    }
+    asyncio.run(router.reconfigure(config))
+    stats = asyncio.run(router.record_routing_stats())
+    assert stats["stamp"] == 7
+    assert stats["weights"] == {"v2": 1.0}
+    assert stats["ongoing"] == {} and stats["versions"] == {}
+    assert router.handles == {"m_v2": ("m_v2", r.DeploymentHandleSource.PROXY, True)}
 
 
 # ---- reading Serve's details -----------------------------------------------------------------
@@ -260,3 +258,116 @@ def test_autoscaler_state_is_carried_in_the_step_memory(monkeypatch: pytest.Monk
         desired.append(backend._desired(now))
         memory = sb.Memory.model_validate_json(backend.mem.model_dump_json())  # as recorded
     assert desired == [2, 2, 2, 4, 4]
+
+
+# ---- `rollout down` stops only what it started -----------------------------------------------
+
+
+def test_down_leaves_a_reused_pid_and_remote_rollouts_alone(tmp_path: Path) -> None:
+    """cluster.json names a pid that is now another program (a reboot reused it), and the store
+    holds a rollout on a remote cluster: `down` kills nothing and withdraws nothing."""
+    home = tmp_path / "home"
+    home.mkdir()
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        info = {"address": "127.0.0.1:1", "pid": other.pid, "temp_dir": "/tmp/rollout-ray-x",
+                "num_gpus": 1, "num_cpus": 1}  # fmt: skip
+        (home / "cluster.json").write_text(json.dumps(info))
+        st = store.Store(f"sqlite:///{home / 'rollout.sqlite'}")
+        st.add(
+            store.Record(
+                id="far-v2-1", app="far", from_version="v1", to_version="v2", created_at=1.0,
+                plan=json.dumps({"address": "10.0.0.1:6379"}), outcome=None, finished_at=None,
+            )
+        )  # fmt: skip
+        out = run_cli(tmp_path, "down")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "no local Ray cluster started by rollout is running"
+        assert other.poll() is None  # still running
+        rec = st.get("far-v2-1")
+        assert rec is not None and rec.outcome is None
+    finally:
+        other.kill()
+        other.wait()
+
+
+# ---- secrets and unreachable stores ------------------------------------------------------------
+
+SECRET = "pa55-Wörd-xyz"
+
+
+def test_an_unreachable_store_is_named_with_its_password_masked(tmp_path: Path) -> None:
+    url = f"postgresql://rollout:{SECRET}@127.0.0.1:1/rollout"
+    out = run_cli(tmp_path, "deploy", str(write(tmp_path, with_(store=url))))
+    assert out.returncode == 2 and out.stdout == ""
+    line = out.stderr.strip()
+    assert "\n" not in line and SECRET not in line
+    assert line.startswith("rollout: error: cannot reach the store at ")
+    assert "postgresql://rollout:***@127.0.0.1:1/rollout" in line
+    # `status` with that store says so too, rather than "unknown rollout id"
+    env = {"ROLLOUT_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin", "ROLLOUT_STORE": url}
+    got = subprocess.run(
+        [sys.executable, "-m", "rollout.cli", "status", "chat-v2-x"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert got.returncode == 2 and SECRET not in got.stderr
+    assert got.stderr.startswith("rollout: error: cannot reach the store at postgresql://")
+    assert "may be recorded there" in got.stderr
+    # nothing under .rollout/ holds the password
+    for f in (tmp_path / "home").rglob("*"):
+        assert not f.is_file() or SECRET.encode() not in f.read_bytes()
+
+
+def test_a_bad_store_url_is_reported_without_its_password(tmp_path: Path) -> None:
+    out = run_cli(tmp_path, "deploy", str(write(tmp_path, with_(store=f"mysql://u:{SECRET}@db/x"))))
+    assert out.returncode == 2
+    assert SECRET not in out.stderr and "mysql://u:***@db/x" in out.stderr
+
+
+def test_an_unreachable_cluster_address_is_one_line(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("0" * 64)
+    token.chmod(0o600)
+    spec = with_(cluster={"address": "127.0.0.1:1", "token_file": str(token)})
+    out = run_cli(tmp_path, "deploy", str(write(tmp_path, spec)))
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith("rollout: error: cannot reach the Ray cluster at 127.0.0.1:1: ")
+    assert out.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("problem", ["missing", "readable", "unset"])
+def test_a_remote_cluster_token_that_is_missing_or_readable_is_refused(
+    tmp_path: Path, problem: str
+) -> None:
+    token = tmp_path / "token"
+    if problem == "readable":
+        token.write_text("0" * 64)
+        token.chmod(0o644)
+    cluster: dict[str, Any] = {"address": "127.0.0.1:1"}
+    if problem != "unset":
+        cluster["token_file"] = str(token)
+    out = run_cli(tmp_path, "deploy", str(write(tmp_path, with_(cluster=cluster))))
+    assert out.returncode == 2 and out.stdout == ""
+    want = {
+        "missing": f"the Ray token file {token} does not exist",
+        "readable": f"the Ray token file {token} is readable by other users (mode 0644)",
+        "unset": "cluster.address 127.0.0.1:1 needs the cluster's Ray token",
+    }[problem]
+    assert out.stderr.startswith(f"rollout: error: {want}") and out.stderr.count("\n") == 1
+    assert not (tmp_path / "home" / "rollout.sqlite").exists()  # nothing started
+
+
+def test_an_http_port_in_use_stops_the_deploy_before_anything_starts(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = run_cli(tmp_path, "deploy", str(write(tmp_path, with_(http={"port": port}))))
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == (
+        f"rollout: error: http.port {port} on 127.0.0.1 is already in use by another program "
+        "(Address already in use); free it or choose another port\n"
+    )
+    assert not (tmp_path / "home" / "cluster.json").exists()  # no cluster was started

@@ -1,0 +1,1 @@
+"""An OpenAI-compatible LLM server with a continuous-batching engine loop (see server.py)."""

@@ -1,0 +1,1 @@
+"""What compares predicted with real: trace replay against a real deployment (`rollout load`)."""
