@@ -3,6 +3,13 @@
 A trace is a sorted array of arrival times in seconds from its first request, with optional
 per-request token counts (the Azure LLM traces carry `ContextTokens` and `GeneratedTokens`).
 Bad files end in one `InputError` sentence naming the file and, where it helps, the row.
+
+A file is replayed as a sample of its traffic, varied by the seed (`resample`, on by default):
+every request of the file appears a Poisson(`rate_scale`) number of times (0, 1, 2, ...; on
+average `rate_scale`), each copy with the original's token counts, moved by a uniform offset in
+±`jitter_s`/2 (reflected at the trace's ends). The expected number of arrivals in any window
+longer than the jitter is `rate_scale` times the file's, so the trace keeps its rate over time,
+its bursts and its request sizes, while each seed sees a different draw of it.
 """
 
 from __future__ import annotations
@@ -43,12 +50,19 @@ class Trace:
 
 
 def load_trace(spec: TraceSpec, *, seed: int = 0) -> Trace:
-    """The scenario's arrivals: a file (scaled by `time_scale`) or a synthetic process."""
+    """The scenario's arrivals: a file (resampled for the seed unless `resample` is off) or a
+    synthetic process, with `rate_scale` times the requests, replayed `time_scale` times
+    faster."""
     if spec.synthetic is not None:
-        trace = synthesize(spec.synthetic, seed=seed)
+        syn = spec.synthetic
+        if spec.rate_scale != 1.0:
+            syn = syn.model_copy(update={"rate_per_s": syn.rate_per_s * spec.rate_scale})
+        trace = synthesize(syn, seed=seed)
     else:
         assert spec.path is not None  # the schema requires exactly one source
         trace = read_trace_csv(spec.path)
+        if spec.resample:
+            trace = resample(trace, spec.rate_scale, spec.jitter_s, seed=seed)
     if spec.time_scale != 1.0:
         trace = Trace(
             trace.arrival_s / spec.time_scale,
@@ -154,6 +168,32 @@ def _parse_tokens(path: Path, raw: pd.Series, column: str) -> np.ndarray:
     return values.astype(np.int64)
 
 
+def resample(trace: Trace, rate_scale: float, jitter_s: float, *, seed: int) -> Trace:
+    """A Poisson bootstrap of the trace with jittered copies (see the module docstring)."""
+    rng = np.random.default_rng([seed, 0x7E5A])
+    copies = rng.poisson(rate_scale, len(trace))
+    index = np.repeat(np.arange(len(trace)), copies)
+    if len(index) == 0:
+        raise InputError(
+            f"{trace.source}: resampled at rate_scale {rate_scale:g}, the trace has no requests"
+        )
+    end = trace.duration_s
+    times = trace.arrival_s[index] + (rng.random(len(index)) - 0.5) * jitter_s
+    times = np.abs(times)  # reflected at both ends: the rate near the edges is kept
+    if end > 0:
+        times = np.where(times > end, 2 * end - times, times)
+        times = np.clip(times, 0.0, end)
+    order = np.argsort(times, kind="stable")
+    index = index[order]
+    ctx, gen = trace.context_tokens, trace.generated_tokens
+    return Trace(
+        times[order],
+        None if ctx is None else ctx[index],
+        None if gen is None else gen[index],
+        source=trace.source,
+    )
+
+
 def synthesize(spec: SyntheticTrace, *, seed: int = 0) -> Trace:
     """Arrivals of a Poisson process: constant, diurnal (sinusoidal) or with one step in rate.
 
@@ -176,10 +216,56 @@ def synthesize(spec: SyntheticTrace, *, seed: int = 0) -> Trace:
             f"the synthetic {spec.process} trace has no requests: raise rate_per_s "
             f"({spec.rate_per_s:g}) or duration_s ({spec.duration_s:g})"
         )
-    n = len(times)
-    ctx = np.full(n, spec.context_tokens, dtype=np.int64)
-    gen = np.full(n, spec.generated_tokens, dtype=np.int64)
+    ctx, gen = token_counts(spec, len(times), seed=seed)
     return Trace(times, ctx, gen, source=f"synthetic {spec.process}")
+
+
+def token_counts(spec: SyntheticTrace, n: int, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Context and generated tokens for n synthetic requests: constants, lognormal draws, or
+    rows sampled from a CSV file (the same rows for both when both name the same file, so a
+    trace's pairing of prompt and output lengths is kept)."""
+    rng = np.random.default_rng([seed, 0x70C5])
+    rows: dict[Path, np.ndarray] = {}
+    out = []
+    for value, default in (
+        (spec.context_tokens, "ContextTokens"),
+        (spec.generated_tokens, "GeneratedTokens"),
+    ):
+        if isinstance(value, int):
+            out.append(np.full(n, value, dtype=np.int32))
+        elif value.kind == "lognormal":
+            assert value.p50 is not None and value.p99 is not None
+            mu = np.log(value.p50)
+            sigma = (np.log(value.p99) - mu) / Z99
+            draws = np.exp(mu + sigma * rng.standard_normal(n))
+            out.append(np.rint(draws).astype(np.int32))
+        else:
+            assert value.path is not None
+            column = read_token_column(value.path, value.column or default)
+            if value.path not in rows:
+                rows[value.path] = rng.integers(0, len(column), n)
+            out.append(column[rows[value.path]].astype(np.int32))
+    return out[0], out[1]
+
+
+Z99 = 2.3263478740408408  # standard normal 99th percentile
+
+
+def read_token_column(path: Path, column: str) -> np.ndarray:
+    """Whole token counts >= 0 from one column of a CSV file (a trace file works)."""
+    if not Path(path).is_file():
+        raise InputError(f"no such token-count file: {path}")
+    try:
+        frame = pd.read_csv(path, usecols=lambda c: c.strip() == column, dtype=str)
+    except pd.errors.EmptyDataError:
+        raise InputError(f"{path}: the file is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError):
+        raise InputError(f"{path}: not a readable CSV file of token counts") from None
+    if frame.shape[1] == 0:
+        raise InputError(f"{path}: has no {column} column")
+    if frame.empty:
+        raise InputError(f"{path}: has no token counts")
+    return _parse_tokens(Path(path), frame.iloc[:, 0], column)
 
 
 def _poisson_times(rng: np.random.Generator, rate: float, duration: float) -> np.ndarray:

@@ -22,11 +22,12 @@ from rollout.driver import Driver
 from rollout.errors import InputError
 from rollout.scenario import Scenario
 from rollout.traces import load_trace
-from sim.cluster import Cluster, GpuPool
+from sim.cluster import Cluster, Faults
 from sim.coldstart import ColdStart
+from sim.gpus import GpuSupply
 from sim.replica import CANDIDATE, CURRENT, VERSION_NAMES, Replica, State
-from sim.result import TIMELINE_COLUMNS, RolloutOutcome, SimResult, summarize
-from sim.router import Router
+from sim.result import TIMELINE_COLUMNS, Billing, RolloutOutcome, SimResult, summarize
+from sim.router import DROPPED, FAILED, Router
 from sim.service import service_times
 
 Progress = Callable[[int, int], None]
@@ -51,6 +52,7 @@ class Simulation:
         cand = s.rollout.candidate if s.rollout else None
         cand_service = cand.service if cand and cand.service else s.service
         cand_cold = cand.cold_start if cand and cand.cold_start else s.cold_start
+        cand_faults = cand.faults if cand and cand.faults else s.faults
         svc_current = service_times(s.service, self.trace, seed)
         svc_candidate = (
             svc_current
@@ -59,20 +61,35 @@ class Simulation:
         )
         self.env = simpy.Environment()
         self.router = Router(
-            self.trace.arrival_s.tolist(),
+            self.trace.arrival_s,
             (svc_current, svc_candidate),
             max_ongoing=s.fleet.max_ongoing_requests,
             timeout_s=s.fleet.request_timeout_s,
             seed=seed,
             on_drained=self._drained,
         )
+        on_demand = s.fleet.on_demand
+        self.gpus = GpuSupply(
+            self.env,
+            s.fleet,
+            None
+            if on_demand is None
+            else ColdStart(on_demand.provision_s, np.random.default_rng([seed, 0x40DE])),
+            on_grant=lambda _: None,  # the cluster takes this over
+            on_change=self._changed,
+        )
         self.cluster = Cluster(
             self.env,
-            gpus=GpuPool(s.fleet.gpu_capacity, s.fleet.gpus_per_replica),
+            gpus=self.gpus,
             health_period_s=s.health_check.period_s,
+            drain_timeout_s=s.fleet.graceful_shutdown_timeout_s,
             cold_starts=(
                 ColdStart(s.cold_start, np.random.default_rng([seed, 0xC01D, 0])),
                 ColdStart(cand_cold, np.random.default_rng([seed, 0xC01D, 1])),
+            ),
+            faults=(
+                Faults(s.faults, np.random.default_rng([seed, 0xFA17, 0])),
+                Faults(cand_faults, np.random.default_rng([seed, 0xFA17, 1])),
             ),
             router=self.router,
             on_change=self._changed,
@@ -144,7 +161,9 @@ class Simulation:
             cand[State.PENDING_GPU] + cand[State.STARTING],
             cand[State.DRAINING],
             cur[State.PENDING_GPU] + cand[State.PENDING_GPU],
-            self.cluster.gpus.in_use,
+            self.gpus.in_use,
+            self.gpus.on_demand_in_use,
+            self.gpus.on_demand_nodes,
             self.router.weight,
             self.desired,
             self.driver.state.step if self.driver else 0,
@@ -274,24 +293,26 @@ class Simulation:
 
     def _result(self) -> SimResult:
         s, router = self.scenario, self.router
-        arrival = self.trace.arrival_s
-        start = np.asarray(router.start)
-        end = np.asarray(router.end)
-        first = np.asarray(router.first)
-        dropped = np.isnan(start)
-        versions = np.frombuffer(bytes(router.version), dtype=np.uint8)
+        arrival = router.arrival_s
+        start, end, first = router.start_s, router.end_s, router.first_s
+        status = router.status_of
+        served = status == 0
         requests = pd.DataFrame(
             {
                 "arrival_s": arrival,
                 "start_s": start,
                 "end_s": end,
                 "wait_s": start - arrival,
-                "latency_s": np.where(dropped, np.nan, end - arrival),
-                "ttft_s": np.where(dropped, np.nan, first - arrival),
-                "version": pd.Categorical.from_codes(versions, categories=list(VERSION_NAMES)),
-                "replica_id": np.asarray(router.replica, dtype=np.int32),
-                "dropped": dropped,
-            }
+                "latency_s": np.where(served, end - arrival, np.nan),
+                "ttft_s": np.where(served, first - arrival, np.nan),
+                "version": pd.Categorical.from_codes(
+                    router.version_of, categories=list(VERSION_NAMES)
+                ),
+                "replica_id": router.replica_id,
+                "dropped": status == DROPPED,
+                "failed": status == FAILED,
+            },
+            copy=False,
         )
         timeline = pd.DataFrame(self.rows, columns=list(TIMELINE_COLUMNS))
         timeline["t_s"] = timeline["t_s"].astype(float)
@@ -309,7 +330,7 @@ class Simulation:
             timeline,
             outcome,
             end_s=end_s,
-            gpu_hour_usd=s.fleet.gpu_hour_usd,
+            billing=Billing.of(s.fleet),
             seed=self.seed,
             scenario=s.name,
         )
@@ -333,6 +354,10 @@ class Simulation:
                 "gpu_s": times("gpu_at"),
                 "ready_s": times("ready_at"),
                 "stopped_s": times("stopped_at"),
+                "stop_reason": pd.Categorical(
+                    [r.stop_reason for r in reps],
+                    categories=["", "removed", "start_failed", "crashed", "drain_timeout"],
+                ),
             }
         )
 

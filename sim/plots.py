@@ -128,24 +128,41 @@ def _replica_top(result: SimResult) -> float:
     )
 
 
+def _binned_percentiles(
+    arrival: np.ndarray, values: np.ndarray, width: float, qs: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Percentiles of the served values (NaN elsewhere) by arrival bin: requests are in arrival
+    order, so each bin is a slice. Returns bin centres (min) and one row per percentile."""
+    edges = np.arange(0.0, arrival[-1] + width, width) if len(arrival) else np.zeros(1)
+    cuts = np.searchsorted(arrival, edges)
+    centres, rows = [], []
+    for i in range(len(cuts) - 1):
+        chunk = values[cuts[i] : cuts[i + 1]]
+        chunk = chunk[~np.isnan(chunk)]
+        if len(chunk):
+            centres.append((i + 0.5) * width / 60.0)
+            rows.append(np.percentile(chunk, qs))
+    return np.array(centres), np.array(rows).T.reshape(len(qs), -1)
+
+
 def _latency_panel(ax: Axes, requests: pd.DataFrame, span: float) -> None:
-    """p50 and p99 latency (and TTFT p99 when it differs) of requests by arrival minute bin."""
-    done = requests[~requests["dropped"]]
+    """p50 and p99 latency (and TTFT p99 when it differs) of served requests by arrival bin,
+    and the arrival times of dropped and failed requests."""
     width = next((w for w in _BIN_WIDTHS if w >= span / 150.0), _BIN_WIDTHS[-1])
-    if len(done):
-        bins = (done["arrival_s"] // width).astype(np.int64)
-        grouped = done.groupby(bins, sort=True)
-        lat = grouped["latency_s"].quantile([0.5, 0.99]).unstack()
-        x = (lat.index.to_numpy() + 0.5) * width / 60.0
-        ax.plot(x, lat[0.5], color="#4477aa", lw=1.0, label="latency p50")
-        ax.plot(x, lat[0.99], color="#cc3311", lw=1.0, label="latency p99")
-        if not np.allclose(done["ttft_s"].to_numpy(), done["latency_s"].to_numpy()):
-            ttft = grouped["ttft_s"].quantile(0.99)
-            ax.plot(x, ttft.to_numpy(), color="#009988", lw=1.0, label="TTFT p99")
-    drops = requests[requests["dropped"]]
-    if len(drops):
-        x = drops["arrival_s"].to_numpy() / 60.0
-        ax.plot(x, np.zeros_like(x), "|", color="black", ms=8, label="dropped")
+    arrival = requests["arrival_s"].to_numpy()
+    latency = requests["latency_s"].to_numpy()
+    ttft = requests["ttft_s"].to_numpy()
+    x, lat = _binned_percentiles(arrival, latency, width, [50, 99])
+    if len(x):
+        ax.plot(x, lat[0], color="#4477aa", lw=1.0, label="latency p50")
+        ax.plot(x, lat[1], color="#cc3311", lw=1.0, label="latency p99")
+        if not np.array_equal(ttft, latency, equal_nan=True):
+            x, first = _binned_percentiles(arrival, ttft, width, [99])
+            ax.plot(x, first[0], color="#009988", lw=1.0, label="TTFT p99")
+    for column, color, label in (("dropped", "black", "dropped"), ("failed", "#aa3377", "failed")):
+        lost = arrival[requests[column].to_numpy()] / 60.0
+        if len(lost):
+            ax.plot(lost, np.zeros_like(lost), "|", color=color, ms=8, label=label)
     ax.set_ylabel(f"latency (s)\nby arrival, {width:g} s bins")
     ax.set_yscale("symlog", linthresh=1.0)
     ax.set_ylim(bottom=0)
@@ -166,25 +183,41 @@ def _mark_rollout(ax: Axes, result: SimResult) -> None:
 
 def plot_latency(result: SimResult, path: Path, title: str | None = None) -> None:
     """Latency distribution (CCDF, log scale) per version and inside/outside the rollout."""
-    req = result.requests[~result.requests["dropped"]]
+    req = result.requests
+    latency = req["latency_s"].to_numpy()
+    served = ~np.isnan(latency)
     fig = Figure(figsize=(7.5, 4.5))
     ax = fig.subplots()
     start = result.summary.get("rollout_start_s")
     end = result.summary.get("rollout_end_s") or result.summary.get("span_s")
-    groups: list[tuple[str, pd.Series, str]] = []
-    for version, color in (("current", CURRENT_COLOR), ("candidate", CANDIDATE_COLOR)):
-        lat = req.loc[req["version"] == version, "latency_s"]
+    groups: list[tuple[str, np.ndarray, str]] = []
+    codes = req["version"].cat.codes.to_numpy()
+    for code, (version, color) in enumerate(
+        (("current", CURRENT_COLOR), ("candidate", CANDIDATE_COLOR))
+    ):
+        lat = latency[served & (codes == code)]
         if len(lat):
             groups.append((f"{version} version", lat, color))
     if start is not None:
-        inside = (req["arrival_s"] >= start) & (req["arrival_s"] <= end)
-        groups.append(("arrived during the rollout", req.loc[inside, "latency_s"], "#ccbb44"))
+        arrival = req["arrival_s"].to_numpy()
+        inside = served & (arrival >= start) & (arrival <= end)
+        groups.append(("arrived during the rollout", latency[inside], "#ccbb44"))
     for name, lat, color in groups:
         if not len(lat):
             continue
-        x = np.sort(lat.to_numpy())
-        ccdf = 1.0 - np.arange(len(x)) / len(x)
-        ax.step(x, ccdf, where="post", color=color, label=f"{name} ({len(x):,})")
+        lat.sort()
+        # at most ~2,000 points: every rank in the tail, log-spaced fractions elsewhere
+        n = len(lat)
+        ranks = np.unique(
+            np.concatenate(
+                [
+                    (n - np.geomspace(n, 1, 1500)).astype(np.int64),
+                    np.arange(max(0, n - 500), n),
+                ]
+            )
+        )
+        ccdf = 1.0 - ranks / n
+        ax.step(lat[ranks], ccdf, where="post", color=color, label=f"{name} ({n:,})")
     ax.set_yscale("log")
     ax.set_xlabel("latency (s)")
     ax.set_ylabel("fraction of requests slower")

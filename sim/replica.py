@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 import simpy
+
+if TYPE_CHECKING:
+    from sim.engine import Engine
 
 
 class State(IntEnum):
@@ -25,27 +29,40 @@ class Replica:
     __slots__ = (
         "created_at",
         "draining",
+        "engine",
         "gpu_at",
         "granted",
         "id",
+        "node",
         "ongoing",
         "ready_at",
+        "slot",
         "state",
+        "stop_reason",
         "stopped_at",
         "version",
     )
 
-    def __init__(self, rid: int, version: int, now: float) -> None:
+    def __init__(self, rid: int, version: int, now: float, engine: Engine | None = None) -> None:
         self.id = rid
         self.version = version
         self.state = State.PENDING_GPU
-        self.ongoing = 0  # requests in service on this replica
+        self.ongoing = 0  # requests routed to this replica and not finished
         self.draining = False
+        self.engine = engine  # the engine kind's per-replica state; None for fixed-time kinds
+        self.slot = -1  # index in the router's list of ready replicas with room, or -1
+        self.node: object | None = None  # the node whose GPUs it holds
         self.created_at = now
         self.gpu_at: float | None = None
         self.ready_at: float | None = None
         self.stopped_at: float | None = None
+        self.stop_reason = ""  # removed | start_failed | crashed | drain_timeout
         self.granted: simpy.Event | None = None
+
+    def __lt__(self, other: Replica) -> bool:
+        """Heap entries tie on (time, key) only for one replica's stale duplicates; any order
+        will do, but the comparison must exist."""
+        return False
 
     def __repr__(self) -> str:
         name = VERSION_NAMES[self.version]

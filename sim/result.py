@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from rollout import history as h
+from rollout.scenario import FleetSpec
 
 TIMELINE_COLUMNS = (
     "t_s",
@@ -21,7 +22,9 @@ TIMELINE_COLUMNS = (
     "candidate_starting",
     "candidate_draining",
     "pending_gpu",
-    "gpus_in_use",
+    "gpus_in_use",  # every GPU a replica holds, reserved or on demand
+    "on_demand_gpus_in_use",
+    "on_demand_nodes",  # on-demand nodes provisioning or up (each is billed)
     "candidate_weight",
     "desired_replicas",
     "step",  # rollout steps completed so far (either direction)
@@ -36,6 +39,40 @@ class SimResult:
     events: list[h.Event] = field(default_factory=list)
     # one row per replica: id, version, created_s, gpu_s, ready_s, stopped_s (NaN: never)
     replicas: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+@dataclass(frozen=True)
+class Billing:
+    """How GPUs are paid for. `held`: reserved GPUs by the hour while a replica holds them;
+    `reserved`: the whole reservation (`gpu_capacity`) for the whole span. On-demand nodes are
+    paid by the node-hour from the moment they are asked for until they are handed back."""
+
+    mode: str
+    gpu_hour_usd: float
+    reserved_gpus: int
+    gpus_per_node: int | None = None
+    node_hour_usd: float = 0.0
+
+    @classmethod
+    def of(cls, fleet: FleetSpec) -> Billing:
+        return cls(
+            mode=fleet.billing,
+            gpu_hour_usd=fleet.gpu_hour_usd,
+            reserved_gpus=fleet.gpu_capacity,
+            gpus_per_node=fleet.gpus_per_node,
+            node_hour_usd=fleet.on_demand.node_hour_usd if fleet.on_demand else 0.0,
+        )
+
+    def reservation(self, peak_gpus: int) -> int:
+        """GPUs to reserve so that a run peaking at `peak_gpus` never waits nor buys nodes:
+        whole nodes."""
+        node = self.gpus_per_node
+        return peak_gpus if not node else math.ceil(peak_gpus / node) * node
+
+    def rate_usd_per_h(self, gpus: float, on_demand_gpus: float, nodes: float) -> float:
+        """What an hour costs with this many GPUs held (of them on demand) and nodes bought."""
+        gpu = self.reserved_gpus if self.mode == "reserved" else gpus - on_demand_gpus
+        return gpu * self.gpu_hour_usd + nodes * self.node_hour_usd
 
 
 @dataclass(frozen=True)
@@ -57,12 +94,18 @@ def _mean(values: np.ndarray) -> float | None:
     return float(values.mean()) if len(values) else None
 
 
-def gpu_hours(timeline: pd.DataFrame, end_s: float) -> float:
-    """GPU-hours held: the step function `gpus_in_use` integrated from 0 to end_s."""
+def hours(timeline: pd.DataFrame, column: str, end_s: float) -> float:
+    """The step function `column` integrated from 0 to end_s, in hours (GPU-hours for
+    `gpus_in_use`, node-hours for `on_demand_nodes`)."""
     t = timeline["t_s"].to_numpy()
-    g = timeline["gpus_in_use"].to_numpy(dtype=float)
+    g = timeline[column].to_numpy(dtype=float)
     spans = np.diff(np.append(t, max(end_s, t[-1])))
     return float((g * spans).sum() / 3600.0)
+
+
+def gpu_hours(timeline: pd.DataFrame, end_s: float) -> float:
+    """GPU-hours held: the step function `gpus_in_use` integrated from 0 to end_s."""
+    return hours(timeline, "gpus_in_use", end_s)
 
 
 def summarize(
@@ -71,49 +114,84 @@ def summarize(
     rollout: RolloutOutcome,
     *,
     end_s: float,
-    gpu_hour_usd: float,
+    billing: Billing,
     seed: int,
     scenario: str,
 ) -> dict[str, Any]:
-    done = requests[~requests["dropped"]]
-    latency = done["latency_s"].to_numpy()
-    ttft = done["ttft_s"].to_numpy()
+    """The run's numbers. Requests come in arrival order (the router writes them so), so a time
+    window is a slice; columns are read as arrays, never copied as a frame (a day of traffic
+    is millions of rows)."""
+    dropped_mask = requests["dropped"].to_numpy()
+    failed_mask = requests["failed"].to_numpy()
+    served = ~(dropped_mask | failed_mask)
+    arrival = requests["arrival_s"].to_numpy()
+    latency_all = requests["latency_s"].to_numpy()  # NaN unless served
+    ttft_all = requests["ttft_s"].to_numpy()
+    latency = latency_all[served]
+    ttft = ttft_all[served]
     start, end = rollout.start, rollout.end
     if start is not None:
         stop = end if end is not None else end_s
-        during = done[(done["arrival_s"] >= start) & (done["arrival_s"] <= stop)]
+        lo = int(np.searchsorted(arrival, start, side="left"))
+        hi = int(np.searchsorted(arrival, stop, side="right"))
+        keep = served[lo:hi]
+        during_latency = latency_all[lo:hi][keep]
+        during_ttft = ttft_all[lo:hi][keep]
         window = _window(timeline, start, stop)
     else:
-        during = done.iloc[:0]
+        during_latency = during_ttft = latency[:0]
         window = timeline
     ready = window["current_ready"] + window["candidate_ready"]
-    hours = gpu_hours(timeline, end_s)
+    held = gpu_hours(timeline, end_s)
+    on_demand_gpu_h = hours(timeline, "on_demand_gpus_in_use", end_s)
+    node_h = hours(timeline, "on_demand_nodes", end_s)
+    if billing.mode == "reserved":
+        gpu_cost = billing.reserved_gpus * max(end_s, 0.0) / 3600.0 * billing.gpu_hour_usd
+    else:
+        gpu_cost = (held - on_demand_gpu_h) * billing.gpu_hour_usd
+    node_cost = node_h * billing.node_hour_usd
+    last = timeline.iloc[-1]
+    peak = int(timeline["gpus_in_use"].max())
     n = len(requests)
-    dropped = int(requests["dropped"].sum())
+    dropped = int(dropped_mask.sum())
+    failed = int(failed_mask.sum())
     return {
         "scenario": scenario,
         "policy": rollout.policy,
         "seed": seed,
         "requests": n,
-        "completed": n - dropped,
+        "completed": n - dropped - failed,
         "dropped": dropped,
+        "failed": failed,
         "drop_rate": dropped / n if n else 0.0,
+        "failed_rate": failed / n if n else 0.0,
         "latency_mean_s": _mean(latency),
         "latency_p50_s": _percentile(latency, 50),
         "latency_p99_s": _percentile(latency, 99),
-        "wait_mean_s": _mean(done["wait_s"].to_numpy()),
+        "wait_mean_s": _mean(requests["wait_s"].to_numpy()[served]),
         "ttft_p50_s": _percentile(ttft, 50),
         "ttft_p99_s": _percentile(ttft, 99),
-        "latency_p99_rollout_s": _percentile(during["latency_s"].to_numpy(), 99),
-        "ttft_p99_rollout_s": _percentile(during["ttft_s"].to_numpy(), 99),
+        "latency_p99_rollout_s": _percentile(during_latency, 99),
+        "ttft_p99_rollout_s": _percentile(during_ttft, 99),
         "rollout_start_s": start,
         "rollout_end_s": end,
         "rollout_duration_s": None if start is None or end is None else end - start,
         "steps": rollout.steps,
         "outcome": rollout.outcome,
-        "gpu_hours": hours,
-        "cost_usd": hours * gpu_hour_usd,
-        "peak_gpus": int(timeline["gpus_in_use"].max()),
+        "gpu_hours": held,
+        "billing": billing.mode,
+        "cost_gpu_usd": gpu_cost,
+        "on_demand_node_hours": node_h,
+        "cost_on_demand_usd": node_cost,
+        "cost_usd": gpu_cost + node_cost,
+        # what an hour costs at the end (a sweep extends shorter runs at this rate)
+        "cost_rate_end_usd_h": billing.rate_usd_per_h(
+            float(last["gpus_in_use"]),
+            float(last["on_demand_gpus_in_use"]),
+            float(last["on_demand_nodes"]),
+        ),
+        "peak_gpus": peak,
+        "reserve_gpus": billing.reservation(peak),
         "min_ready_replicas": int(ready.min()),
         "span_s": end_s,
     }

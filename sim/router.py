@@ -2,22 +2,29 @@
 
 SimPy owns simulated time and the control plane (replica lifecycles, the autoscaler, the rollout
 controller). Requests are far more numerous, so they bypass SimPy's generator processes: the
-router keeps its own heap of completions and a cursor into the sorted arrivals, and the main
+router keeps its own heap of request events and a cursor into the sorted arrivals, and the main
 loop lets it run up to the next control-plane event before SimPy takes that event. Same-time
-ties go to requests first, then to the control plane; within requests, completions before
-arrivals. Per-request results go into preallocated lists, not objects.
+ties go to requests first, then to the control plane; within requests, heap events before
+arrivals. Per-request results go into preallocated numpy columns (written through
+memoryviews), not Python objects.
 
 Routing, as Ray Serve does it for a weighted pair of deployments:
 1. the version is drawn by the controller's candidate weight (never a version without a ready
    replica);
 2. within the version, power of two choices on ongoing requests picks a replica; when both
-   picks are full but another replica has room, the request goes there (Serve's router retries
-   until it finds one);
+   picks are full (`max_ongoing_requests`), power of two choices among the replicas that have
+   room (Serve's router retries random pairs until one has room), which the router keeps in
+   an indexable list, so a pick costs O(1) however many replicas there are;
 3. when every ready replica of the version is full, the request waits in the version's FIFO
    lane at the router; the first replica to free a slot takes the lane's head;
 4. a request still waiting `request_timeout_s` after it arrived is dropped. Lanes are FIFO
    with one timeout, so expired requests are always at the head and are dropped lazily,
    stamped with their deadline.
+
+Heap events: `(end, request, replica)` for fixed-time service kinds (one per request), and
+`(time, -1 - replica id, replica)` for a replica's engine (`sim/engine.py`), whose next event
+moves whenever its batch changes; an entry at another time than the engine's `scheduled` is
+stale and skipped.
 """
 
 from __future__ import annotations
@@ -27,20 +34,37 @@ import math
 import random
 from collections import deque
 from collections.abc import Callable
-from operator import attrgetter
 
+import numpy as np
+
+from sim.engine import Engine, EngineModel
 from sim.replica import Replica
-from sim.service import ServiceTimes
+from sim.service import EngineWork, ServiceTimes, Work
 
 INF = math.inf
-_ONGOING = attrgetter("ongoing")
+DONE, DROPPED, FAILED = 0, 1, 2  # the `status` column
+
+
+class FixedModel:
+    """A fixed-time service kind: each request's time is drawn up front."""
+
+    __slots__ = ("base", "prefill", "slowdown")
+
+    def __init__(self, work: ServiceTimes) -> None:
+        self.base = memoryview(np.ascontiguousarray(work.base, dtype=float))
+        self.prefill = (
+            None
+            if work.prefill is None
+            else memoryview(np.ascontiguousarray(work.prefill, dtype=float))
+        )
+        self.slowdown = work.slowdown
 
 
 class Router:
     def __init__(
         self,
-        arrivals: list[float],
-        services: tuple[ServiceTimes, ServiceTimes],
+        arrivals: np.ndarray,
+        work: tuple[Work, Work],
         *,
         max_ongoing: int,
         timeout_s: float,
@@ -48,29 +72,55 @@ class Router:
         on_drained: Callable[[Replica, float], None],
     ) -> None:
         n = len(arrivals)
-        self.arrivals = arrivals
         self.n = n
-        self.services = services
+        self.arrival_s = np.ascontiguousarray(arrivals, dtype=float)
+        # read through a copy that ends in an infinite sentinel: no bounds check per arrival
+        self.arrivals = memoryview(np.append(self.arrival_s, math.inf))
+        # result columns, written through memoryviews (as fast as lists, 8 bytes a value)
+        self.start_s = np.full(n, np.nan)
+        self.end_s = np.full(n, np.nan)
+        self.first_s = np.full(n, np.nan)  # first token
+        self.replica_id = np.full(n, -1, dtype=np.int32)
+        self.version_of = np.zeros(n, dtype=np.uint8)
+        self.status_of = np.zeros(n, dtype=np.uint8)
+        self.start = memoryview(self.start_s)
+        self.end = memoryview(self.end_s)
+        self.first = memoryview(self.first_s)
+        self.replica = memoryview(self.replica_id)
+        self.version = memoryview(self.version_of)
+        self.status = memoryview(self.status_of)
+        self.models = tuple(self._model(w) for w in work)
         self.max_ongoing = max_ongoing
         self.timeout_s = timeout_s
         self.on_drained = on_drained
         self.weight = 0.0  # the candidate's share of new requests
         self.next_i = 0  # next arrival to process
-        self.heap: list[tuple[float, int, Replica]] = []  # (end, request, replica)
+        self.heap: list[tuple[float, int, Replica]] = []
         self.lanes: tuple[deque[int], deque[int]] = (deque(), deque())
         self.ready: tuple[list[Replica], list[Replica]] = ([], [])
-        self.free = [0, 0]  # free slots on ready replicas, per version
-        self.dropped = 0
+        self.avail: tuple[list[Replica], list[Replica]] = ([], [])  # ready with a free slot
+        self.inflight = 0  # requests routed to a replica and not finished
         # two streams: one draw per arrival for the version, so the split of requests between
         # versions lines up across policies; another for the replica picks
         self._version_draw = random.Random(seed * 2 + 1).random
         self._pick_draw = random.Random(seed * 2 + 2).random
-        nan = math.nan
-        self.start = [nan] * n
-        self.end = [nan] * n
-        self.first = [nan] * n  # first token
-        self.replica = [-1] * n
-        self.version = bytearray(n)
+
+    def _model(self, work: Work) -> FixedModel | EngineModel:
+        if isinstance(work, EngineWork):
+            kv = None if work.kv_need is None else memoryview(work.kv_need)
+            return EngineModel.build(
+                work.spec,
+                memoryview(np.ascontiguousarray(work.prefill, dtype=float)),
+                memoryview(work.tokens),
+                kv,
+                (self.start, self.first, self.end),
+            )
+        return FixedModel(work)
+
+    def engine_for(self, version: int) -> Engine | None:
+        """A new replica's engine, or None for a fixed-time service kind."""
+        model = self.models[version]
+        return Engine(model) if isinstance(model, EngineModel) else None
 
     # ---- what the control plane reads ----------------------------------------------------
 
@@ -81,7 +131,7 @@ class Router:
     def ongoing(self, now: float) -> int:
         """Requests in service or waiting at the router (Ray Serve's autoscaling metric)."""
         self._purge(now)
-        return len(self.heap) + len(self.lanes[0]) + len(self.lanes[1])
+        return self.inflight + len(self.lanes[0]) + len(self.lanes[1])
 
     # ---- what the control plane changes --------------------------------------------------
 
@@ -91,7 +141,8 @@ class Router:
     def add_ready(self, rep: Replica, now: float) -> None:
         v = rep.version
         self.ready[v].append(rep)
-        self.free[v] += self.max_ongoing - rep.ongoing
+        if rep.ongoing < self.max_ongoing:
+            self._avail_add(rep)
         other = 1 - v
         if self.lanes[other] and not self.ready[other]:
             self._adopt(v, other)  # orphans of a version that has no ready replica
@@ -101,12 +152,44 @@ class Router:
         """Stop routing to `rep` at once; its in-flight requests finish."""
         v = rep.version
         self.ready[v].remove(rep)
-        self.free[v] -= self.max_ongoing - rep.ongoing
+        if rep.slot >= 0:
+            self._avail_remove(rep)
         rep.draining = True
         other = 1 - v
         if not self.ready[v] and self.ready[other] and self.lanes[v]:
             self._adopt(other, v)
             self._refill(other, now)
+
+    def kill(self, rep: Replica, now: float) -> int:
+        """`rep` died (crash, or its drain deadline passed): its requests fail now. Returns
+        how many failed."""
+        if rep in self.ready[rep.version]:
+            self.remove_ready(rep, now)
+        lost = [k for _, k, r in self.heap if r is rep and k >= 0]
+        if rep.engine is not None:
+            lost += rep.engine.kill()
+        if lost:
+            self.heap[:] = [e for e in self.heap if e[2] is not rep]
+            heapq.heapify(self.heap)
+        for k in lost:
+            self.end[k] = now
+            self.status[k] = FAILED
+        self.inflight -= rep.ongoing
+        rep.ongoing = 0
+        return len(lost)
+
+    def _avail_add(self, rep: Replica) -> None:
+        av = self.avail[rep.version]
+        rep.slot = len(av)
+        av.append(rep)
+
+    def _avail_remove(self, rep: Replica) -> None:
+        av = self.avail[rep.version]
+        last = av.pop()
+        if last is not rep:
+            av[rep.slot] = last
+            last.slot = rep.slot
+        rep.slot = -1
 
     def _adopt(self, v: int, other: int) -> None:
         """Move the other version's waiting requests into v's lane, keeping arrival order."""
@@ -116,34 +199,54 @@ class Router:
         self.lanes[v].extend(merged)
 
     def _purge(self, now: float) -> None:
-        arr, timeout, end = self.arrivals, self.timeout_s, self.end
+        arr, timeout, end, status = self.arrivals, self.timeout_s, self.end, self.status
         for lane in self.lanes:
             while lane and arr[lane[0]] + timeout < now:
                 k = lane.popleft()
                 end[k] = arr[k] + timeout
-                self.dropped += 1
+                status[k] = DROPPED
 
     def _refill(self, v: int, now: float) -> None:
         """Give waiting requests to free slots of version v (a replica became ready)."""
         self._purge(now)
-        lane, ready = self.lanes[v], self.ready[v]
-        while lane and self.free[v] > 0:
-            rep = min(ready, key=_ONGOING)
-            self.free[v] -= 1
-            rep.ongoing += 1
+        lane, av = self.lanes[v], self.avail[v]
+        while lane and av:
+            rep = min(av, key=_ongoing)
             self._serve(lane.popleft(), rep, now)
 
     def _serve(self, k: int, rep: Replica, now: float) -> None:
-        """Start request k on rep (its `ongoing` already counts k)."""
-        svc = self.services[rep.version]
-        factor = 1.0 + svc.slowdown * (rep.ongoing - 1)
+        """Start request k on rep: count it, then hand it to the replica's service."""
+        rep.ongoing += 1
+        self.inflight += 1
+        if rep.ongoing >= self.max_ongoing and rep.slot >= 0:
+            self._avail_remove(rep)
+        self.replica[k] = rep.id
+        self.version[k] = rep.version
+        eng = rep.engine
+        if eng is not None:
+            eng.admit(k, now)
+            t = eng.next_t
+            # an entry already due earlier stays: when it fires, the engine reschedules (a
+            # prefill only ever pushes the next finish later, so this saves a stale entry)
+            if t < eng.scheduled:
+                eng.scheduled = t
+                heapq.heappush(self.heap, (t, -1 - rep.id, rep))
+            return
+        svc = self.models[rep.version]
+        factor = 1.0 + svc.slowdown * (rep.ongoing - 1) if svc.slowdown else 1.0
         end = now + svc.base[k] * factor
         self.start[k] = now
         self.end[k] = end
         self.first[k] = end if svc.prefill is None else now + svc.prefill[k] * factor
-        self.replica[k] = rep.id
-        self.version[k] = rep.version
         heapq.heappush(self.heap, (end, k, rep))
+
+    def _schedule(self, eng: Engine, rep: Replica) -> None:
+        """Keep one valid heap entry for the engine, at its next finish."""
+        t = eng.next_t
+        if t != eng.scheduled:
+            eng.scheduled = t
+            if t < INF:
+                heapq.heappush(self.heap, (t, -1 - rep.id, rep))
 
     # ---- the hot loop ------------------------------------------------------------------------
 
@@ -153,65 +256,83 @@ class Router:
         Returns early when a draining replica finishes its last request: the control plane must
         release its GPU at that moment, before any later event.
         """
-        arr, n, heap, lanes, ready, free = (
+        arr, heap, lanes, ready, avail = (
             self.arrivals,
-            self.n,
             self.heap,
             self.lanes,
             self.ready,
-            self.free,
+            self.avail,
         )
-        end, version = self.end, self.version
+        end, status = self.end, self.status
         maxo, timeout = self.max_ongoing, self.timeout_s
         vdraw, pdraw = self._version_draw, self._pick_draw
-        serve = self._serve
+        serve, schedule = self._serve, self._schedule
+        avail_add = self._avail_add
         heappop = heapq.heappop
+        weight = self.weight  # only the control plane changes it, between calls
         i = self.next_i
-        t_arr = arr[i] if i < n else INF
+        t_arr = arr[i]  # INF past the last arrival
         try:
             while True:
                 if heap and heap[0][0] <= t_arr:
-                    # ---- a completion
+                    # ---- a request event: a completion, or a replica's engine
                     t = heap[0][0]
                     if t > until:
                         break
-                    _, _, rep = heappop(heap)
-                    rep.ongoing -= 1
-                    if rep.draining:
-                        if rep.ongoing == 0:
-                            self.on_drained(rep, t)
-                            break
-                        continue
-                    v = rep.version
-                    lane = lanes[v]
-                    k = -1
-                    while lane:
-                        k = lane.popleft()
-                        if arr[k] + timeout >= t:
-                            break
-                        end[k] = arr[k] + timeout  # waited too long: dropped at its deadline
-                        self.dropped += 1
+                    _, key, rep = heappop(heap)
+                    if key >= 0:
+                        done: tuple[int, ...] | list[int] = (key,)
+                        eng = None
+                    else:
+                        eng = rep.engine
+                        if t != eng.scheduled:
+                            continue  # stale: the engine's next event moved since
+                        eng.scheduled = INF
+                        if eng.next_t > t:  # early: a prefill since pushed the finish later
+                            schedule(eng, rep)
+                            continue
+                        done = eng.wake(t)
+                    drained = False
+                    for _ in done:
+                        rep.ongoing -= 1
+                        self.inflight -= 1
+                        if rep.draining:
+                            drained = rep.ongoing == 0
+                            continue
+                        v = rep.version
+                        lane = lanes[v]
                         k = -1
-                    if k < 0:
-                        free[v] += 1
-                        continue
-                    rep.ongoing += 1
-                    serve(k, rep, t)
+                        while lane:
+                            k = lane.popleft()
+                            if arr[k] + timeout >= t:
+                                break
+                            end[k] = arr[k] + timeout  # waited too long: dropped at its deadline
+                            status[k] = DROPPED
+                            k = -1
+                        if k >= 0:
+                            serve(k, rep, t)
+                        elif rep.slot < 0 and rep.ongoing < maxo:
+                            avail_add(rep)
+                    if eng is not None:
+                        schedule(eng, rep)
+                    if drained:
+                        self.on_drained(rep, t)
+                        break
                     continue
                 # ---- an arrival
-                if t_arr > until or i >= n:
+                if t_arr > until:
                     break
                 t = t_arr
                 k = i
                 i += 1
-                t_arr = arr[i] if i < n else INF
-                w = self.weight
-                v = 1 if vdraw() < w else 0
+                t_arr = arr[i]
+                v = 1 if vdraw() < weight else 0
                 if not ready[v] and ready[1 - v]:
                     v = 1 - v
-                if free[v] <= 0:
+                av = avail[v]
+                if not av:
                     lanes[v].append(k)
-                    version[k] = v
+                    self.version[k] = v
                     continue
                 reps = ready[v]
                 m = len(reps)
@@ -227,9 +348,18 @@ class Router:
                     if other.ongoing < rep.ongoing:
                         rep = other
                     if rep.ongoing >= maxo:
-                        rep = min(reps, key=_ONGOING)
-                free[v] -= 1
-                rep.ongoing += 1
+                        m = len(av)
+                        if m == 1:
+                            rep = av[0]
+                        else:
+                            a = int(pdraw() * m)
+                            b = int(pdraw() * (m - 1))
+                            if b >= a:
+                                b += 1
+                            rep = av[a]
+                            other = av[b]
+                            if other.ongoing < rep.ongoing:
+                                rep = other
                 serve(k, rep, t)
         finally:
             self.next_i = i
@@ -237,3 +367,7 @@ class Router:
     def finish(self) -> None:
         """The run is over: whoever still waits is dropped at its deadline."""
         self._purge(INF)
+
+
+def _ongoing(rep: Replica) -> int:
+    return rep.ongoing

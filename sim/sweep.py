@@ -31,8 +31,8 @@ from rollout.policy import RolloutPolicy
 from rollout.scenario import Scenario, load_scenario
 from sim.api import simulate
 
-if TYPE_CHECKING:  # workers import this module: keep matplotlib out of their start-up
-    from sim import report
+if TYPE_CHECKING:
+    from sim.verdict import Recommendation
 
 # Summary keys copied into sweep.csv, in this order; other scalar keys the simulator adds follow.
 METRICS = [
@@ -48,9 +48,11 @@ METRICS = [
     "rollout_end_s",
     "rollout_duration_s",
     "steps",
+    "failed",
     "gpu_hours",
     "cost_usd",
     "peak_gpus",
+    "reserve_gpus",
     "min_ready_replicas",
     "outcome",
 ]
@@ -59,22 +61,35 @@ _NOT_METRICS = {"policy", "seed", "scenario"}
 
 @dataclass(frozen=True)
 class SweepPoint:
-    """One simulation of the sweep; `index` is its place in the grid's order."""
+    """One simulation of the sweep; `index` is its place in the grid's order. `rollout_at_s`
+    replaces the scenario's `rollout.at_s` (None: the scenario's own)."""
 
     index: int
     policy: RolloutPolicy
     seed: int
+    rollout_at_s: float | None = None
 
     @property
     def label(self) -> str:
-        return f"{self.policy.label()} seed={self.seed}"
+        at = "" if self.rollout_at_s is None else f" at={self.rollout_at_s:g}"
+        return f"{self.policy.label()} seed={self.seed}{at}"
+
+    def scenario(self, base: Scenario) -> Scenario:
+        """The scenario this point simulates: its policy, and its rollout time if it has one."""
+        scenario = base.with_policy(self.policy)
+        if self.rollout_at_s is None:
+            return scenario
+        assert scenario.rollout is not None  # with_policy always sets one
+        rollout = scenario.rollout.model_copy(update={"at_s": self.rollout_at_s})
+        return scenario.model_copy(update={"rollout": rollout})
 
 
 PointFn = Callable[[Scenario, SweepPoint], dict[str, Any]]
 
 
 def sweep_points(scenario: Scenario) -> list[SweepPoint]:
-    """The grid × seeds, validated before any work starts (the first invalid point raises).
+    """The grid × rollout times × seeds, validated before any work starts (the first invalid
+    point raises).
 
     Seeds are `scenario.seed + i`, so seed i of a sweep is reproducible with `--seed`.
     """
@@ -88,20 +103,24 @@ def sweep_points(scenario: Scenario) -> list[SweepPoint]:
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:
         raise InputError(f"the sweep grid lists the policy {dupes[0]} twice")
-    return [
-        SweepPoint(i * len(seeds) + j, policy, seed)
-        for i, policy in enumerate(policies)
-        for j, seed in enumerate(seeds)
-    ]
+    times: list[float | None] = list(grid.rollout_at_s) or [None]
+    if scenario.rollout is not None:
+        for ctl in scenario.rollout.controls:
+            early = [t for t in times if t is not None and t > ctl.at_s]
+            if early:
+                raise InputError(
+                    f"sweep.rollout_at_s {early[0]:g} is after a scripted control at "
+                    f"{ctl.at_s:g} s (rollout.controls)"
+                )
+    combos = [(p, at, seed) for p in policies for at in times for seed in seeds]
+    return [SweepPoint(i, p, seed, at) for i, (p, at, seed) in enumerate(combos)]
 
 
 def simulate_point(scenario: Scenario, point: SweepPoint) -> dict[str, Any]:
     """The real point function: one simulation, reduced to its summary's scalars."""
-    result = simulate(scenario.with_policy(point.policy), seed=point.seed)
+    result = simulate(point.scenario(scenario), seed=point.seed)
     summary = result.summary
-    extra: dict[str, Any] = {
-        "gpus_at_end": int(result.timeline["gpus_in_use"].iloc[-1]),  # for the horizon cost
-    }
+    extra: dict[str, Any] = {}
     for column in ("latency_s", "ttft_s"):
         extra[f"{column[:-2]}_p99_worst5m_s"] = worst_window_p99(
             result.requests, column, summary.get("rollout_start_s"), summary.get("rollout_end_s")
@@ -123,8 +142,9 @@ def worst_window_p99(
     """
     if start is None or end is None:
         return None
-    done = requests[~requests["dropped"]]
-    inside = done[(done["arrival_s"] >= start) & (done["arrival_s"] <= end)]
+    arrival = requests["arrival_s"]
+    inside = requests[(arrival >= start) & (arrival <= end)]
+    inside = inside[inside[column].notna()]  # served (not dropped, not failed)
     bins = ((inside["arrival_s"] - start) // WORST_WINDOW_S).astype(int)
     groups = inside.groupby(bins)[column]
     p99 = groups.quantile(0.99)[groups.size() >= WORST_WINDOW_MIN_REQUESTS]
@@ -314,13 +334,13 @@ class SweepResult:
     points: list[SweepPoint]
     rows: pd.DataFrame
     policies: pd.DataFrame
-    recommendation: report.Recommendation
+    recommendation: Recommendation
     point_seconds: list[float]  # per point, time inside the simulation
     wall_s: float
     backend: str
 
     def point(self, policy: str) -> SweepPoint:
-        """The first seed's point of a policy label."""
+        """The first point (seed, rollout time) of a policy label."""
         return next(p for p in self.points if p.policy.label() == policy)
 
 
@@ -333,7 +353,7 @@ def run_sweep(
     point_fn: PointFn = simulate_point,
 ) -> SweepResult:
     """Run the scenario's grid: serially for one worker, else in worker processes or Ray tasks."""
-    from sim import report
+    from sim import verdict
 
     points = sweep_points(scenario)
     _check_runner(workers, ray_address)
@@ -355,15 +375,15 @@ def run_sweep(
             outcomes[out.index] = out
     wall = time.perf_counter() - t0
 
-    rows = pd.DataFrame([_row(p, outcomes[p.index].metrics) for p in points])
-    rows = report.assess(rows, scenario.slo, scenario.fleet.gpu_hour_usd)
-    policies = report.policy_table(rows)
+    rows = pd.DataFrame([_row(scenario, p, outcomes[p.index].metrics) for p in points])
+    rows = verdict.assess(rows, scenario.slo)
+    policies = verdict.policy_table(rows)
     return SweepResult(
         scenario=scenario,
         points=points,
         rows=rows,
         policies=policies,
-        recommendation=report.recommend(policies, scenario.slo),
+        recommendation=verdict.recommend(policies, scenario.slo),
         point_seconds=[outcomes[p.index].seconds for p in points],
         wall_s=wall,
         backend=backend,
@@ -377,8 +397,11 @@ def _check_runner(workers: int | None, ray_address: str | None) -> None:
         raise InputError("give either --workers or --ray-address, not both")
 
 
-def _row(point: SweepPoint, metrics: dict[str, Any]) -> dict[str, Any]:
+def _row(scenario: Scenario, point: SweepPoint, metrics: dict[str, Any]) -> dict[str, Any]:
     pol = point.policy
+    at = point.rollout_at_s
+    if at is None:
+        at = scenario.rollout.at_s if scenario.rollout else 0.0
     return {
         "policy": pol.label(),
         "mode": pol.mode.value,
@@ -386,6 +409,7 @@ def _row(point: SweepPoint, metrics: dict[str, Any]) -> dict[str, Any]:
         "max_unavailable_percent": pol.max_unavailable_percent,
         "stabilization_time_seconds": pol.stabilization_time_seconds,
         "seed": point.seed,
+        "rollout_at_s": at,
         **metrics,
     }
 
@@ -427,8 +451,8 @@ CSV_NAME = "sweep.csv"
 
 def write_sweep(result: SweepResult, out_dir: Path | str, *, timelines: bool = True) -> Path:
     """Write sweep.csv, report.md and the plots; `timelines` re-simulates the recommended and the
-    riskiest policy on their worst seeds to draw their timelines."""
-    from sim import report
+    riskiest policy on their worst runs to draw their timelines."""
+    from sim import report, verdict
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -446,12 +470,17 @@ def write_sweep(result: SweepResult, out_dir: Path | str, *, timelines: bool = T
 
         which = {"recommended": rec.policy, "riskiest": rec.riskiest}
         for role, label in which.items():
-            seed = report.timeline_seed(result.rows, label)
-            policy = result.point(label).policy
-            sim = simulate(result.scenario.with_policy(policy), seed=seed)
+            seed, at = verdict.worst_run(result.rows, label)
+            point = SweepPoint(0, result.point(label).policy, seed, at)
+            sim = simulate(point.scenario(result.scenario), seed=seed)
             name = f"timeline-{role}.png"
-            plot_timeline(sim, out / name, title=f"{role}: {label}, seed {seed} (its worst)")
-            images[f"Timeline of the {role} setting ({label}, its worst seed: {seed})"] = name
+            run = (
+                f"seed {seed}"
+                if len(set(result.rows["rollout_at_s"])) == 1
+                else (f"seed {seed}, rollout at {at:g} s")
+            )
+            plot_timeline(sim, out / name, title=f"{role}: {label}, {run} (its worst)")
+            images[f"Timeline of the {role} setting ({label}, its worst run: {run})"] = name
     text = report.render_report(
         report.ReportInputs(
             scenario=result.scenario.name,
@@ -461,6 +490,8 @@ def write_sweep(result: SweepResult, out_dir: Path | str, *, timelines: bool = T
             recommendation=rec,
             windows=list(result.rows["slo_window"]),
             horizon_s=float(result.rows["horizon_s"].iloc[0]),
+            rollout_times=sorted(set(result.rows["rollout_at_s"])),
+            fleet=result.scenario.fleet,
             images=images,
         )
     )
@@ -479,9 +510,11 @@ def sweep_command(
     _check_runner(workers, ray_address)
     out_dir = out or Path("out") / f"sweep-{scenario.name}"
     n_pol = len({p.policy for p in points})
+    n_at = len({p.rollout_at_s for p in points})
+    times = f" × {n_at} rollout times" if n_at > 1 else ""
     typer.echo(
-        f"Sweeping {scenario.name}: {n_pol} policies × {len(points) // n_pol} seeds "
-        f"= {len(points)} simulations",
+        f"Sweeping {scenario.name}: {n_pol} policies × {len(points) // (n_pol * n_at)} seeds"
+        f"{times} = {len(points)} simulations",
         err=True,
     )
     result = run_sweep(scenario, workers=workers, ray_address=ray_address, progress=True)

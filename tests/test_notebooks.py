@@ -45,3 +45,16 @@ def test_notebook_runs_top_to_bottom(
     assert not errors
     images = sum("image/png" in o.get("data", {}) for c in code for o in c.outputs)
     assert images >= 3  # the figures were drawn inline, not swallowed by a file backend
+
+
+@pytest.mark.parametrize(
+    "name", ["surge_vs_unavailable.ipynb", "capacity_planning.ipynb"], ids=lambda n: n[:-6]
+)
+def test_notebook_is_committed_executed(name: str) -> None:
+    """A reader who opens the notebook sees its tables and figures without running it."""
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.execution_count for c in code)
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1))  # top to bottom
+    assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for c in code for o in c.outputs) >= 3

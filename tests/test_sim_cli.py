@@ -28,6 +28,8 @@ TIMELINE = [
     "candidate_draining",
     "pending_gpu",
     "gpus_in_use",
+    "on_demand_gpus_in_use",
+    "on_demand_nodes",
     "candidate_weight",
     "desired_replicas",
 ]
@@ -41,6 +43,7 @@ REQUESTS = [
     "version",
     "replica_id",
     "dropped",
+    "failed",
 ]
 SUMMARY = [
     "requests",
@@ -52,6 +55,12 @@ SUMMARY = [
     "rollout_duration_s",
     "gpu_hours",
     "cost_usd",
+    "failed",
+    "billing",
+    "cost_gpu_usd",
+    "cost_on_demand_usd",
+    "on_demand_node_hours",
+    "reserve_gpus",
     "peak_gpus",
     "min_ready_replicas",
     "outcome",
@@ -104,7 +113,7 @@ def test_simulate_writes_every_output(tmp_path):
     assert set(SUMMARY) <= set(summary)
     assert summary["outcome"] == "succeeded"
     assert summary["policy"] == "surge=25 stab=0"
-    assert summary["requests"] == summary["completed"] + summary["dropped"]
+    assert summary["requests"] == summary["completed"] + summary["dropped"] + summary["failed"]
     requests = pd.read_parquet(out / "requests.parquet")
     assert list(requests.columns) == REQUESTS
     assert len(requests) == summary["requests"]
@@ -182,9 +191,13 @@ def test_bundled_scenarios_roll_out(name):
     result = simulate(scenario)
     s = result.summary
     assert s["outcome"] == "succeeded"
-    assert s["requests"] == {"conv": 19_366, "code": 8_819}[name.split("-")[1]]
-    assert s["dropped"] == 0
-    assert s["peak_gpus"] <= scenario.fleet.gpu_capacity
+    # the trace resampled at rate_scale: that many times its requests, up to Poisson noise
+    want = {"conv": 19_366, "code": 8_819}[name.split("-")[1]] * scenario.trace.rate_scale
+    assert abs(s["requests"] - want) < 4 * want**0.5
+    assert s["dropped"] == s["failed"] == 0
+    od = scenario.fleet.on_demand
+    extra = od.max_nodes * (scenario.fleet.gpus_per_node or 0) if od else 0
+    assert s["peak_gpus"] <= scenario.fleet.gpu_capacity + extra
 
 
 def test_the_main_comparison_shows_the_trade_off():
@@ -267,3 +280,73 @@ def test_missing_cold_start_samples(tmp_path):
 
 def test_negative_seed(tmp_path):
     one_line_error(invoke("simulate", str(small_scenario(tmp_path)), "--seed", "-1"), "seed")
+
+
+ENGINE = {
+    "kind": "engine",
+    "engine": {"prefill_s_per_1k_tokens": 0.05, "decode_s_per_token": {1: 0.01}},
+}
+
+
+def engine_with(**fields):
+    return {"kind": "engine", "engine": {**ENGINE["engine"], **fields}}
+
+
+@pytest.mark.parametrize(
+    "changes,needle",
+    [
+        ({"service": engine_with(decode_s_per_token={})}, "needs at least one point"),
+        ({"service": engine_with(decode_s_per_token={1: 0.01, 8: -0.02})}, "must be > 0"),
+        ({"service": engine_with(max_num_seqs=0)}, "max_num_seqs"),
+        ({"faults": {"start_failure_rate": 1.5}}, "start_failure_rate"),
+        (
+            {
+                "fleet": {
+                    "replicas": 2,
+                    "gpus_per_replica": 3,
+                    "gpus_per_node": 8,
+                    "gpu_capacity": 8,
+                }
+            },
+            "does not divide into whole replicas",
+        ),
+        (
+            {
+                "trace": {
+                    "synthetic": {"process": "poisson", "rate_per_s": 3.0, "duration_s": 900},
+                    "rate_scale": 0,
+                }
+            },
+            "rate_scale",
+        ),
+        ({"fleet": {"replicas": 4, "gpu_capacity": 6, "billing": "monthly"}}, "fleet.billing"),
+    ],
+    ids=[
+        "no-points",
+        "negative-time",
+        "zero-seqs",
+        "fault-rate",
+        "node-size",
+        "rate-scale",
+        "billing",
+    ],
+)
+def test_bad_engine_fault_supply_and_trace_inputs(tmp_path, changes, needle):
+    out = tmp_path / "o"
+    path = small_scenario(tmp_path, **changes)
+    one_line_error(invoke("simulate", str(path), "--out", str(out)), needle)
+    assert not out.exists()  # nothing written
+    sweep_out = tmp_path / "s"
+    one_line_error(invoke("sweep", str(path), "--out", str(sweep_out)), needle)
+    assert not sweep_out.exists()
+
+
+def test_a_bad_profile_file_names_itself(tmp_path):
+    profile = tmp_path / "engine.yaml"
+    profile.write_text(
+        "name: bad\nprovenance: test\nprefill_s_per_1k_tokens: 0.05\n"
+        "decode_s_per_token: {1: -0.01}\n"
+    )
+    path = small_scenario(tmp_path, service={"kind": "engine", "engine": {"profile": str(profile)}})
+    one_line_error(invoke("simulate", str(path), "--out", str(tmp_path / "o")), str(profile))
+    assert not (tmp_path / "o").exists()

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import simpy
 from test_sim_rollout import AT_S, N, steady
 
 from rollout import history as h
+from rollout.scenario import FleetSpec
 from sim.api import simulate
-from sim.cluster import GpuPool
+from sim.gpus import GpuSupply
 from sim.replica import Replica
 
 
@@ -51,6 +53,7 @@ def test_draining_replicas_hold_their_gpus_until_the_last_request_ends():
             {"max_unavailable_percent": 25},
             service={"kind": "deterministic", "mean_s": 30.0},
             fleet__gpu_capacity=N,
+            fleet__graceful_shutdown_timeout_s=60.0,  # longer than a request: all drain
         )
     )
     tl, req, reps = result.timeline, result.requests, result.replicas
@@ -72,16 +75,20 @@ def test_draining_replicas_hold_their_gpus_until_the_last_request_ends():
     assert result.summary["outcome"] == "succeeded"
 
 
-def test_gpu_pool_is_first_come_first_served():
-    pool = GpuPool(capacity=4, per_replica=2)
+def test_gpu_supply_is_first_come_first_served():
+    granted: list[Replica] = []
+    fleet = FleetSpec(replicas=1, gpus_per_replica=2, gpu_capacity=4)
+    pool = GpuSupply(simpy.Environment(), fleet, None, on_grant=granted.extend, on_change=list)
     a, b, c, d = (Replica(i, 0, 0.0) for i in range(4))
     assert pool.request(a) and pool.request(b)
     assert not pool.request(c)
     assert not pool.request(d)
     pool.cancel(c)
-    assert pool.release() == [d]  # c left the queue; d is next
+    pool.release(a)
+    assert granted == [d]  # c left the queue; d is next
     assert pool.in_use == 4
-    assert pool.release() == []
+    pool.release(b)
+    assert granted == [d]
     assert pool.in_use == 2
 
 

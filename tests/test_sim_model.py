@@ -30,7 +30,7 @@ def from_arrivals(tmp_path: Path, rows: list[tuple], **raw: Any) -> Scenario:
     path = tmp_path / "trace.csv"
     header = ["arrival_s", "ContextTokens", "GeneratedTokens"][: len(rows[0])]
     path.write_text(",".join(header) + "\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
-    base: dict[str, Any] = {"name": "small", "trace": {"path": str(path)}}
+    base: dict[str, Any] = {"name": "small", "trace": {"path": str(path), "resample": False}}
     return Scenario.model_validate(base | raw)
 
 

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from rollout.cli import app
 from rollout.errors import InputError
 from rollout.scenario import Scenario, Slo, load_scenario
-from sim import report
+from sim import verdict
 from sim.sweep import (
     SweepPoint,
     run_sweep,
@@ -80,7 +80,7 @@ def fake_point(scenario: Scenario, point: SweepPoint) -> dict[str, Any]:
         "gpu_hours": 4 * 300 / 3600 + surge / 100 * duration / 3600,
         "cost_usd": 2.5 * (4 * 300 / 3600 + surge / 100 * duration / 3600),
         "span_s": max(300.0, 30 + duration),
-        "gpus_at_end": 4,
+        "cost_rate_end_usd_h": 4 * 2.5,
         "peak_gpus": 4 + math.ceil(4 * surge / 100),
         "min_ready_replicas": 4 - (4 * unavail) // 100,
         "outcome": "succeeded",
@@ -214,7 +214,7 @@ def rows_table(rng: np.random.Generator, n_policies: int, seeds: int) -> pd.Data
                     "rollout_duration_s": float(rng.uniform(100, 1000)),
                     "cost_usd": float(costs[i]) + s * 0.001,
                     "span_s": 3600.0 + float(rng.choice([0.0, 0.0, rng.uniform(0, 600)])),
-                    "gpus_at_end": 2,
+                    "cost_rate_end_usd_h": 2 * 2.5,
                     "gpu_hours": float(costs[i]) / 2.5,
                     "peak_gpus": 10,
                     "outcome": "succeeded" if rng.random() > 0.1 else "failed",
@@ -226,11 +226,11 @@ def rows_table(rng: np.random.Generator, n_policies: int, seeds: int) -> pd.Data
 def test_slo_judges_the_worst_five_minutes_then_the_rollout_then_the_run() -> None:
     rows = rows_table(np.random.default_rng(0), 2, 2)
     rows.loc[1, "latency_p99_rollout_s"] = math.nan
-    judged = report.assess(rows, Slo(latency_p99_s=2.0), 2.5)
+    judged = verdict.assess(rows, Slo(latency_p99_s=2.0))
     assert list(judged["slo_window"]) == ["rollout", "run", "rollout", "rollout"]
     rows.loc[2, "latency_p99_worst5m_s"] = 7.5
     rows.loc[2, "latency_p99_rollout_s"] = 1.0  # diluted by a long rollout
-    judged = report.assess(rows, Slo(latency_p99_s=2.0), 2.5)
+    judged = verdict.assess(rows, Slo(latency_p99_s=2.0))
     assert judged.loc[2, "slo_window"] == "worst 5 min"
     assert judged.loc[2, "slo_latency_p99_s"] == 7.5 and not judged.loc[2, "slo_met"]
     assert judged.loc[1, "slo_latency_p99_s"] == rows.loc[1, "latency_p99_s"]
@@ -242,7 +242,7 @@ def test_slo_judges_the_worst_five_minutes_then_the_rollout_then_the_run() -> No
 def test_recommendation_is_the_cheapest_row_group_meeting_the_slo(seed: int) -> None:
     rng = np.random.default_rng(seed)
     slo = Slo(latency_p99_s=3.0, max_drop_rate=0.003)
-    rows = report.assess(rows_table(rng, 7, 3), slo, 2.5)
+    rows = verdict.assess(rows_table(rng, 7, 3), slo)
     # the verdict, computed independently of the module
     met = (
         (rows["latency_p99_rollout_s"] <= 3.0)
@@ -254,7 +254,7 @@ def test_recommendation_is_the_cheapest_row_group_meeting_the_slo(seed: int) -> 
     # cost over the longest run: shorter runs keep paying for the GPUs they ended with
     extended = rows["cost_usd"] + (rows["span_s"].max() - rows["span_s"]) / 3600 * 2 * 2.5
     cost = extended.groupby(rows["policy"]).mean()
-    rec = report.recommend(report.policy_table(rows), slo)
+    rec = verdict.recommend(verdict.policy_table(rows), slo)
     if ok.any():
         assert rec.meets_slo
         assert rec.policy == cost[ok].idxmin()
@@ -264,10 +264,10 @@ def test_recommendation_is_the_cheapest_row_group_meeting_the_slo(seed: int) -> 
 
 
 def test_no_policy_meets_the_slo_names_the_closest() -> None:
-    rows = report.assess(rows_table(np.random.default_rng(3), 5, 2), Slo(latency_p99_s=0.1), 2.5)
+    rows = verdict.assess(rows_table(np.random.default_rng(3), 5, 2), Slo(latency_p99_s=0.1))
     rows["outcome"] = "succeeded"
-    policies = report.policy_table(rows)
-    rec = report.recommend(policies, Slo(latency_p99_s=0.1))
+    policies = verdict.policy_table(rows)
+    rec = verdict.recommend(policies, Slo(latency_p99_s=0.1))
     assert not rec.meets_slo
     worst = rows.groupby("policy")["latency_p99_rollout_s"].max()
     assert rec.policy == worst.idxmin()
@@ -278,11 +278,11 @@ def test_no_policy_meets_the_slo_names_the_closest() -> None:
 
 def test_costs_compare_over_the_longest_run() -> None:
     rows = pd.DataFrame(
-        {"span_s": [3600.0, 5400.0], "gpus_at_end": [10, 12], "cost_usd": [25.0, 40.0]}
+        {"span_s": [3600.0, 5400.0], "cost_rate_end_usd_h": [25.0, 30.0], "cost_usd": [25.0, 40.0]}
     )
-    out = report.add_horizon_cost(rows, 2.5)
+    out = verdict.add_horizon_cost(rows)
     assert list(out["horizon_s"]) == [5400.0, 5400.0]
-    # the shorter run pays for 30 more minutes of its 10 GPUs at $2.5 per GPU-hour
+    # the shorter run pays 30 more minutes at what its last hour cost (10 GPUs at $2.5)
     assert list(out["cost_horizon_usd"]) == [25.0 + 0.5 * 10 * 2.5, 40.0]
 
 
@@ -294,11 +294,11 @@ def test_costs_within_a_cent_tie_and_latency_margin_decides() -> None:
     rows["cost_usd"] = [10.004, 10.009, 10.013, 10.001]
     rows["latency_p99_rollout_s"] = [1.0, 0.5, 0.4, 2.0]
     rows["rollout_duration_s"] = [300.0, 900.0, 100.0, 300.0]
-    rec = report.recommend(report.policy_table(report.assess(rows, Slo(), 2.5)), Slo())
+    rec = verdict.recommend(verdict.policy_table(verdict.assess(rows, Slo())), Slo())
     # within a cent of the cheapest (10.001): rows 0, 1 and 3; row 1 has the most margin
     assert rec.policy == rows.loc[1, "policy"]
     rows["latency_p99_rollout_s"] = 1.0  # equal margins: the faster rollout
-    rec = report.recommend(report.policy_table(report.assess(rows, Slo(), 2.5)), Slo())
+    rec = verdict.recommend(verdict.policy_table(verdict.assess(rows, Slo())), Slo())
     assert rec.policy in {rows.loc[0, "policy"], rows.loc[3, "policy"]}
     assert rec.rollout_duration_s == 300.0
 
@@ -323,14 +323,14 @@ def test_timelines_show_each_policys_worst_seed() -> None:
     rows["latency_p99_worst5m_s"] = [1.0, 1.0, 9.0]  # seed 2: a bad five minutes
     rows["latency_p99_rollout_s"] = [2.5, 1.0, 1.0]  # seed 0: the worst window p99
     rows["ttft_p99_worst5m_s"] = math.nan
-    judged = report.assess(rows, Slo(latency_p99_s=2.0), 2.5)
+    judged = verdict.assess(rows, Slo(latency_p99_s=2.0))
     assert list(judged["worst5m_severity"]) == [0.5, 0.5, 4.5]
-    assert report.timeline_seed(judged, rows.loc[0, "policy"]) == 2
+    assert verdict.worst_run(judged, rows.loc[0, "policy"]) == (2, None)
     # without 5-minute windows the rollout-window p99 decides: seed 0
     rows["latency_p99_worst5m_s"] = math.nan
-    judged = report.assess(rows, Slo(latency_p99_s=2.0), 2.5)
+    judged = verdict.assess(rows, Slo(latency_p99_s=2.0))
     assert list(judged["slo_window"]) == ["rollout"] * 3
-    assert report.timeline_seed(judged, rows.loc[0, "policy"]) == 0
+    assert verdict.worst_run(judged, rows.loc[0, "policy"]) == (0, None)
 
 
 def brute_front(cost: list[float], lat: list[float]) -> list[bool]:
@@ -354,7 +354,7 @@ def brute_front(cost: list[float], lat: list[float]) -> list[bool]:
 def test_pareto_front_matches_the_definition(points: list[tuple[int, int]]) -> None:
     cost = [float(c) for c, _ in points]
     lat = [float(v) for _, v in points]
-    assert list(report.pareto_front(cost, lat)) == brute_front(cost, lat)
+    assert list(verdict.pareto_front(cost, lat)) == brute_front(cost, lat)
 
 
 # --- files and the command -----------------------------------------------------------------------

@@ -46,7 +46,7 @@ def test_seven_fractional_digits_are_kept(tmp_path):
 def test_arrival_seconds_and_time_scale(tmp_path):
     path = tmp_path / "t.csv"
     path.write_text("arrival_s\n5\n7\n11\n")
-    trace = load_trace(TraceSpec(path=path, time_scale=2.0))
+    trace = load_trace(TraceSpec(path=path, time_scale=2.0, resample=False))
     assert trace.arrival_s.tolist() == [0.0, 1.0, 3.0]  # from the first request, twice as fast
     assert not trace.has_tokens
 
@@ -142,3 +142,109 @@ def test_parsed_traces_are_cached_until_the_file_changes(tmp_path):
     assert not first.arrival_s.flags.writeable  # shared, so nobody may change it
     path.write_text("arrival_s\n0\n1\n2\n3\n")
     assert len(read_trace_csv(path)) == 4
+
+
+# ---- resampling a file, rate_scale, token distributions ---------------------------------------
+
+CONV = DATA / "azure_llm_2023_conv.csv"
+
+
+def per_window(times: np.ndarray, width: float, span: float) -> np.ndarray:
+    return np.histogram(times, bins=np.arange(0.0, span + width, width))[0]
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.5, 0.4])
+def test_resampling_keeps_the_rate_over_time(scale):
+    """Every 5-minute window holds rate_scale times the file's arrivals, up to Poisson noise;
+    the token counts are the file's."""
+    original = read_trace_csv(CONV)
+    trace = load_trace(TraceSpec(path=CONV, rate_scale=scale), seed=3)
+    span = original.duration_s
+    want = scale * per_window(original.arrival_s, 300.0, span)
+    got = per_window(trace.arrival_s, 300.0, span)
+    z = (got - want) / np.sqrt(want)
+    assert np.abs(z).max() < 4.5
+    assert abs(z.sum() / np.sqrt(len(z))) < 4.5  # the total too
+    assert np.all(np.diff(trace.arrival_s) >= 0)
+    assert trace.arrival_s.min() >= 0 and trace.arrival_s.max() <= span
+    pairs = set(zip(original.context_tokens, original.generated_tokens, strict=True))
+    drawn = set(zip(trace.context_tokens, trace.generated_tokens, strict=True))
+    assert drawn <= pairs  # each request is a copy of one in the file
+
+
+def test_the_seed_varies_a_resampled_file_and_resample_false_replays_it():
+    a = load_trace(TraceSpec(path=CONV), seed=1)
+    b = load_trace(TraceSpec(path=CONV), seed=2)
+    assert not np.array_equal(a.arrival_s, b.arrival_s)
+    assert np.array_equal(a.arrival_s, load_trace(TraceSpec(path=CONV), seed=1).arrival_s)
+    exact = load_trace(TraceSpec(path=CONV, resample=False), seed=1)
+    assert np.array_equal(exact.arrival_s, read_trace_csv(CONV).arrival_s)
+
+
+def test_bursts_survive_resampling():
+    """The code trace's bursts (up to 67 requests in one second) stay bursts: a 1 s jitter moves
+    a request by at most half a second."""
+    code = read_trace_csv(DATA / "azure_llm_2023_code.csv")
+    trace = load_trace(TraceSpec(path=DATA / "azure_llm_2023_code.csv"), seed=4)
+    span = code.duration_s
+    assert (
+        per_window(trace.arrival_s, 10.0, span).max()
+        > 0.6 * per_window(code.arrival_s, 10.0, span).max()
+    )
+
+
+def test_synthetic_rate_scale_multiplies_the_rate():
+    spec = SyntheticTrace(rate_per_s=5.0, duration_s=2000)
+    trace = load_trace(TraceSpec(synthetic=spec, rate_scale=3.0), seed=2)
+    assert len(trace) == pytest.approx(30_000, rel=0.03)
+
+
+def test_token_counts_from_a_lognormal():
+    spec = SyntheticTrace(
+        rate_per_s=50.0,
+        duration_s=800,
+        context_tokens={"kind": "lognormal", "p50": 1000, "p99": 4000},
+        generated_tokens=7,
+    )
+    trace = synthesize(spec, seed=1)
+    assert np.percentile(trace.context_tokens, 50) == pytest.approx(1000, rel=0.03)
+    assert np.percentile(trace.context_tokens, 99) == pytest.approx(4000, rel=0.06)
+    assert (trace.generated_tokens == 7).all()
+
+
+def test_token_counts_from_a_file_keep_their_pairs():
+    spec = SyntheticTrace(
+        rate_per_s=20.0,
+        duration_s=500,
+        context_tokens={"kind": "empirical", "path": CONV},
+        generated_tokens={"kind": "empirical", "path": CONV},
+    )
+    trace = synthesize(spec, seed=5)
+    original = read_trace_csv(CONV)
+    pairs = set(zip(original.context_tokens, original.generated_tokens, strict=True))
+    assert set(zip(trace.context_tokens, trace.generated_tokens, strict=True)) <= pairs
+    assert trace.generated_tokens.mean() == pytest.approx(211, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    "fields,needle",
+    [
+        ({"rate_scale": 0}, "rate_scale"),
+        ({"rate_scale": 2.0, "resample": False}, "needs trace.resample"),
+    ],
+)
+def test_bad_rate_scale(fields, needle):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=needle):
+        TraceSpec(path=CONV, **fields)
+
+
+def test_missing_token_column(tmp_path):
+    path = tmp_path / "tokens.csv"
+    path.write_text("other\n1\n")
+    spec = SyntheticTrace(
+        rate_per_s=1.0, duration_s=10, context_tokens={"kind": "empirical", "path": path}
+    )
+    with pytest.raises(InputError, match="has no ContextTokens column"):
+        synthesize(spec)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import os
 import subprocess
 import sys
@@ -374,3 +375,22 @@ def test_run_payload_starts_at_the_rollout(tmp_path: Path) -> None:
     ts = [s["t"] for s in payload["samples"]]
     assert ts == sorted(ts)
     assert sum("replicas" in s for s in payload["samples"]) == len(data.timeline)
+
+
+def test_failed_requests_stay_out_of_the_latency_windows(tmp_path: Path) -> None:
+    """Crashed replicas fail their requests in flight (no latency): the page's p99 windows are
+    over served requests only, so every value is a number."""
+    from ui.source import find_runs, read_run
+
+    simulated_run(
+        tmp_path / "runs",
+        service={"kind": "deterministic", "mean_s": 20.0},
+        fleet={"replicas": 4, "gpu_capacity": 6, "max_ongoing_requests": 8},
+        faults={"crash_per_replica_hour": 6.0},
+    )
+    data = read_run(next(iter(find_runs([tmp_path / "runs"]).values())))
+    assert data.requests is not None and data.requests["failed"].sum() == data.summary["failed"] > 0
+    payload = series.run_payload(data.summary, data.timeline, data.events, data.requests)
+    windows = [s for s in payload["samples"] if "ttft_p99" in s]
+    values = [v for s in windows for k in ("latency_p99", "ttft_p99") for v in s[k].values()]
+    assert windows and values and all(math.isfinite(v) for v in values)

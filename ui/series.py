@@ -133,8 +133,12 @@ def latency_windows(
     requests: pd.DataFrame, window_s: float, start: float, end: float
 ) -> list[dict[str, Any]]:
     """p99 latency and time to first token per role over windows of arrival time, as samples
-    at each window's end (what a sliding-window metric would show then)."""
-    done = requests[~requests["dropped"].astype(bool)]
+    at each window's end (what a sliding-window metric would show then). Only served requests
+    count: dropped and failed ones have no latency."""
+    lost = requests["dropped"].astype(bool)
+    if "failed" in requests:
+        lost |= requests["failed"].astype(bool)
+    done = requests[~lost]
     done = done[(done["arrival_s"] >= start) & (done["arrival_s"] < end)]
     if done.empty:
         return []

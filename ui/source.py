@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.parquet as pq
 import sqlalchemy as sa
 
 from rollout import controller as c
@@ -187,9 +188,12 @@ def read_run(run: Run) -> RunData:
     lines = (run.path / "events.jsonl").read_text().splitlines()
     events = [json.loads(line) for line in lines if line.strip()]
     requests = None
-    if (run.path / "requests.parquet").exists():
-        cols = ["arrival_s", "latency_s", "ttft_s", "version", "dropped"]
-        requests = pd.read_parquet(run.path / "requests.parquet", columns=cols)
+    path = run.path / "requests.parquet"
+    if path.exists():
+        # `failed` (crashes, drain timeouts) is absent from runs written before faults existed
+        wanted = ["arrival_s", "latency_s", "ttft_s", "version", "dropped", "failed"]
+        names = set(pq.read_schema(path).names)
+        requests = pd.read_parquet(path, columns=[c for c in wanted if c in names])
     return RunData(summary, timeline, events, requests)
 
 

@@ -553,7 +553,7 @@ async function runView(key) {
       stat("Rollout", fmtDuration(s.rollout_duration_s), `${s.steps ?? "?"} steps`),
       stat("p99 latency", `${fmtNum(s.latency_p99_s)} s`, `during the rollout ${fmtNum(s.latency_p99_rollout_s)} s`),
       stat("p99 TTFT", `${fmtNum(s.ttft_p99_s)} s`, `during the rollout ${fmtNum(s.ttft_p99_rollout_s)} s`),
-      stat("Requests", s.requests ?? "–", `${s.dropped ?? 0} dropped`),
+      stat("Requests", s.requests ?? "–", `${s.dropped ?? 0} dropped · ${s.failed ?? 0} failed`),
       stat("Peak GPUs", s.peak_gpus ?? "–", `min ready ${s.min_ready_replicas ?? "–"}`),
       stat("GPU cost", s.cost_usd === undefined ? "–" : `$${fmtNum(s.cost_usd)}`, `${fmtNum(s.gpu_hours)} GPU-hours`)),
     el("div", { class: "charts", id: "charts" }),
