@@ -1,8 +1,8 @@
 """Deploy files (YAML): what `rollout deploy` reads. Unknown keys are errors, like scenarios.
 
-The format is fixed by DESIGN.md ("Deploy files and the executor's process model"); times are
-seconds. A few optional keys beyond it (`model.deployment`, `model.graceful_shutdown_timeout_s`,
-`http.route_prefix`) have defaults that keep the documented files valid.
+The format is documented in docs/executor.md; times are seconds. A few optional keys
+(`model.deployment`, `model.graceful_shutdown_timeout_s`, `http.route_prefix`) have defaults
+that keep older files valid.
 """
 
 from __future__ import annotations

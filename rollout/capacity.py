@@ -95,7 +95,7 @@ def cap_desired(
         return PoolCap(desired, desired, capacity, limit)
     if limit < minimum:
         reason = (
-            f"even {minimum} replicas need room for {step_room(policy, minimum)} and the cluster "
+            f"even a pool of {minimum} needs room for {step_room(policy, minimum)} and the cluster "
             f"can hold {capacity} for the pool: the step waits for GPUs until its deadline"
         )
         return PoolCap(desired, desired, capacity, limit, reason)

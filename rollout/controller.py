@@ -29,6 +29,7 @@ from enum import StrEnum
 from pydantic import TypeAdapter
 
 from rollout import history as h
+from rollout.capacity import cap_desired
 from rollout.planner import (
     candidate_share,
     headroom,
@@ -103,6 +104,8 @@ class Observation:
     desired: int  # the pool's desired replica count (autoscaler or fleet size)
     current: VersionObservation
     candidate: VersionObservation
+    # replicas' worth of GPUs the cluster can give the pool (held by it + free); None: no limit
+    capacity: int | None = None
     errors: int = 0  # consecutive failed iterations (observe or apply) up to this one
     error: str = ""  # the last failure's message
     seen: bool = True  # False: observing failed, and the counts above mean nothing
@@ -162,6 +165,7 @@ class RolloutState:
     waiting: str = ""  # the last thing it waited for (recorded once per reason)
     pending: tuple[Control, ...] = field(default_factory=tuple)
     first_deploy: bool = False  # nothing served before: the current version has no replica
+    capped: str = ""  # why the pool is smaller than desired (rollout/capacity.py), or ""
 
     def target(self, version: str) -> int:
         return self.current_target if version == CURRENT else self.candidate_target
@@ -448,9 +452,12 @@ class _Run:
             self._record_scale(v, self.s.target(v))
 
     def resize(self) -> None:
-        """Desired scale changed: keep the split, resize both versions (proportional scaling)."""
-        new_n = self.obs.desired
-        if new_n == self.n or new_n < 1:
+        """Desired scale changed: keep the split, resize both versions (proportional scaling).
+        The desired size is first capped so that a step still fits the cluster's GPUs."""
+        if self.obs.desired < 1:
+            return
+        new_n = self._capped(self.obs.desired)
+        if new_n == self.n:
             return
         old_n = self.n
         cur, cand = self.s.current_target, self.s.candidate_target
@@ -477,6 +484,24 @@ class _Run:
         order = sorted(sizes, key=lambda v: sizes[v] - self.s.target(v))
         for v in order:
             self._scale(v, sizes[v], f"desired replicas {old_n} → {new_n}")
+
+    def _capped(self, desired: int) -> int:
+        """`desired` capped at the largest pool whose step fits (Kubernetes has no such cap: a
+        surge that does not fit waits there); the reason is recorded when it changes."""
+        cap = cap_desired(desired, self.obs.capacity, self.s.policy)
+        if cap.reason != self.s.capped:
+            self._update(capped=cap.reason)
+            if cap.reason and cap.capacity is not None:
+                self.events.append(
+                    h.Capped(
+                        t=self.now,
+                        desired=cap.desired,
+                        allowed=cap.allowed,
+                        capacity=cap.capacity,
+                        reason=cap.reason,
+                    )
+                )
+        return cap.allowed
 
     def take_controls(self) -> None:
         for ctl in self.s.pending:

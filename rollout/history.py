@@ -92,6 +92,18 @@ class Resized(_Event):
     candidate_replicas: int
 
 
+class Capped(_Event):
+    """The pool's desired size does not fit the cluster's GPUs with room for a step: the
+    controller drives a smaller pool (`allowed`), or, when even one replica's step does not
+    fit, keeps `desired` and waits (see rollout/capacity.py). Recorded when the reason changes."""
+
+    kind: Literal["capped"] = "capped"
+    desired: int
+    allowed: int
+    capacity: int
+    reason: str
+
+
 class Finished(_Event):
     kind: Literal["finished"] = "finished"
     outcome: str
@@ -117,6 +129,7 @@ Event = Annotated[
     | Waiting
     | StepCompleted
     | Resized
+    | Capped
     | Finished
     | ActionApplied,
     Field(discriminator="kind"),

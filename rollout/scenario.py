@@ -1,6 +1,6 @@
 """Scenario files (YAML): what `rollout simulate` and `rollout sweep` read. Unknown keys are errors.
 
-The schema is fixed by DESIGN.md; times are seconds and money is USD.
+The schema is documented in docs/simulator.md; times are seconds and money is USD.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import simpy
 
+from rollout.capacity import replicas_fitting
 from rollout.scenario import FleetSpec
 from sim.coldstart import ColdStart
 from sim.replica import Replica
@@ -58,6 +59,18 @@ class GpuSupply:
         self.on_demand_in_use = 0
         self.on_grant = on_grant
         self.on_change = on_change
+
+    @property
+    def max_replicas(self) -> int | None:
+        """Replicas the pool can ever hold: every reserved node and every on-demand node it may
+        buy (None when a replica needs no GPU). The controller caps the pool with it."""
+        fit = replicas_fitting
+        if self.per_replica <= 0:
+            return None
+        n = sum(fit(node.gpus, self.per_replica) or 0 for node in self.reserved)
+        if self.on_demand_spec is not None:
+            n += self.on_demand_spec.max_nodes * (fit(self.per_node, self.per_replica) or 0)
+        return n
 
     @property
     def on_demand_nodes(self) -> int:

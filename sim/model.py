@@ -17,6 +17,7 @@ import pandas as pd
 import simpy
 
 from rollout import controller as c
+from rollout import history as h
 from rollout.autoscaler import Autoscaler
 from rollout.driver import Driver
 from rollout.errors import InputError
@@ -99,7 +100,8 @@ class Simulation:
         if s.autoscaling is not None:
             a = s.autoscaling
             self.desired = min(max(self.desired, a.min_replicas), a.max_replicas)
-            self.autoscaler = Autoscaler(a, self.desired)
+            self.autoscaler = Autoscaler.start(a, self.desired)
+            self.desired = self.autoscaler.desired
         self.serving = CURRENT  # the version the autoscaler sizes outside a rollout
         self.driver: Driver | None = None
         self.rollout_start: float | None = None
@@ -132,6 +134,7 @@ class Simulation:
             desired=self.desired,
             current=self.cluster.observe(CURRENT),
             candidate=self.cluster.observe(CANDIDATE),
+            capacity=self.gpus.max_replicas,
         )
 
     def apply(self, actions: Sequence[c.Action]) -> None:
@@ -204,12 +207,17 @@ class Simulation:
         self.serving = CANDIDATE if outcome is c.Phase.SUCCEEDED else CURRENT
 
     def _autoscale(self) -> Generator[simpy.Event, object, None]:
-        assert self.autoscaler is not None
-        interval = self.autoscaler.config.interval_s
+        scaler = self.autoscaler
+        assert scaler is not None
+        tick = self.env.now
         while True:
-            yield self.env.timeout(interval)
+            # chained from the exact previous tick: adding the interval in floating point
+            # drifts, and the simulator would decide a tick late
+            tick = scaler.next_tick(tick)
+            yield self.env.timeout(max(0.0, tick - self.env.now))
             now = self.env.now
-            desired = self.autoscaler.observe(now, self.router.ongoing(now))
+            running = sum(self.cluster.counts[v][State.READY] for v in (CURRENT, CANDIDATE))
+            desired = scaler.observe(now, self.router.ongoing(now), running)
             if desired == self.desired:
                 continue
             self.desired = desired
@@ -369,4 +377,13 @@ class Simulation:
             return RolloutOutcome(None, None, "none", 0, policy)
         state = self.driver.state
         end = self.rollout_end if state.terminal else None
-        return RolloutOutcome(self.rollout_start, end, state.phase.value, state.step, policy)
+        capped = [e.allowed for e in self.driver.history if isinstance(e, h.Capped)
+                  and e.allowed < e.desired]  # fmt: skip
+        return RolloutOutcome(
+            self.rollout_start,
+            end,
+            state.phase.value,
+            state.step,
+            policy,
+            capped_at=min(capped) if capped else None,
+        )

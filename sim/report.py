@@ -307,6 +307,17 @@ def render_report(r: ReportInputs) -> str:
             f"{'yes' if p['pareto'] else ''} |"
         )
     lines.append("")
+    capped = r.policies.dropna(subset=["pool_capped_at"])
+    if len(capped):
+        which = ", ".join(
+            f"`{p['policy']}` (down to {int(p['pool_capped_at'])})" for _, p in capped.iterrows()
+        )
+        lines += [
+            f"The cluster's GPUs capped the pool of {which}: a step must fit in the GPUs, so "
+            "the pool ran with fewer replicas than desired during the "
+            "rollout (see the `capped` events of its history).",
+            "",
+        ]
     for caption, name in r.images.items():
         lines += [f"## {caption}", "", f"![{caption}]({name})", ""]
     lines += [

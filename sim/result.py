@@ -84,6 +84,7 @@ class RolloutOutcome:
     outcome: str  # succeeded | cancelled | failed | none | paused/progressing (unfinished)
     steps: int
     policy: str | None
+    capped_at: int | None = None  # the smallest pool the GPUs' cap allowed, if it bit
 
 
 def _percentile(values: np.ndarray, q: float) -> float | None:
@@ -178,6 +179,7 @@ def summarize(
         "rollout_duration_s": None if start is None or end is None else end - start,
         "steps": rollout.steps,
         "outcome": rollout.outcome,
+        "pool_capped_at": rollout.capped_at,
         "gpu_hours": held,
         "billing": billing.mode,
         "cost_gpu_usd": gpu_cost,

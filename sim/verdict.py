@@ -178,6 +178,8 @@ def policy_table(rows: pd.DataFrame) -> pd.DataFrame:
     table["drop_rate"] = g["drop_rate"].max()
     table["failed_rate"] = g["failed_rate"].max()
     table["rollout_duration_s"] = g["rollout_duration_s"].mean()
+    capped = "pool_capped_at" in rows.columns
+    table["pool_capped_at"] = g["pool_capped_at"].min() if capped else math.nan
     table["rollout_duration_min_s"] = g["rollout_duration_s"].min()
     table["rollout_duration_max_s"] = g["rollout_duration_s"].max()
     table["slo_severity"] = g["slo_severity"].max()

@@ -36,6 +36,7 @@ class FakeCluster:
     first_deploy: bool = False  # nothing runs yet: the current version has no replica
     outages: list[tuple[float, float]] = field(default_factory=list)  # [from, until) windows
     error_prob: float = 0.0  # chance that one observe or apply fails
+    capacity: int | None = None  # replicas' worth of GPUs for the pool (reported, not enforced)
     weight: float = 0.0
     replicas: dict[str, list[Replica]] = field(default_factory=dict)
     targets: dict[str, int] = field(default_factory=dict)
@@ -90,6 +91,7 @@ class FakeCluster:
             desired=self.desired,
             current=self.count(c.CURRENT),
             candidate=self.count(c.CANDIDATE),
+            capacity=self.capacity,
         )
 
     # ---- applying actions ---------------------------------------------------------------

@@ -57,7 +57,7 @@ def test_surge_limit_is_the_largest_pool_that_fits(capacity: int, percent: int) 
         (12, 10, SURGE_25, 8, True, "capped at 8: 8 + a surge of 2 use the 10"),
         (10, 8, UNAVAILABLE_25, 8, True, "capped at 8: the cluster can hold 8 replicas"),
         (6, 8, UNAVAILABLE_25, 6, False, ""),
-        (3, 1, SURGE_25, 3, False, "even 1 replicas need room for 2 and the cluster can hold 1"),
+        (3, 1, SURGE_25, 3, False, "even a pool of 1 needs room for 2 and the cluster can hold 1"),
         (9, None, SURGE_50, 9, False, ""),  # the backend does not know: no cap
     ],
 )
@@ -81,9 +81,66 @@ def test_the_minimum_is_the_callers() -> None:
     what it needs anyway: the desired size stays, and the reason says the step will wait."""
     cap = cap_desired(8, 8, SURGE_50, minimum=6)
     assert cap.allowed == 8 and not cap.capped
-    assert "even 6 replicas need room for 9" in cap.reason
+    assert "even a pool of 6 needs room for 9" in cap.reason
 
 
 def test_pool_limit_by_mode() -> None:
     assert pool_limit(SURGE_25, 12) == 9  # 9 + 3
     assert pool_limit(UNAVAILABLE_25, 12) == 12
+
+
+# ---- the controller applies the cap -----------------------------------------------------------
+
+
+def _bounded(capacity: int):
+    """A check that the controller never asks for more replicas than `capacity`."""
+
+    def check(d, cl, decision, seen, weight) -> None:
+        s = d.state
+        assert s.current_target + s.candidate_target <= capacity
+
+    return check
+
+
+def test_the_autoscaler_raising_desired_mid_surge_is_capped_so_the_step_fits() -> None:
+    """8 replicas' worth of GPUs, surge 50 %, a pool of 4 asked to grow to 8 at t=12: the
+    controller drives 5 (5 + ceil(2.5) = 8 fit; 8 + 4 would need 12) and records why once."""
+    from fake_cluster import FakeCluster
+    from sim_loop import Script, run
+
+    cl = FakeCluster(desired=4, start_delay=(5, 5), capacity=8)
+    d = run(SURGE_50, cl, Script(desired=[(12.0, 8)]), _bounded(8))
+    capped = [e for e in d.history if e.kind == "capped"]
+    assert [(e.desired, e.allowed, e.capacity) for e in capped] == [(8, 5, 8)]
+    assert capped[0].reason == (
+        "desired 8 capped at 5: 5 + a surge of 3 use the 8 replicas the cluster can hold"
+    )
+    assert d.state.phase.value == "succeeded"
+    assert (d.state.desired, d.state.candidate_target) == (5, 5)
+
+
+def test_unavailable_mode_never_grows_past_what_the_cluster_holds() -> None:
+    from fake_cluster import FakeCluster
+    from sim_loop import Script, run
+
+    cl = FakeCluster(desired=6, start_delay=(5, 5), capacity=8)
+    d = run(UNAVAILABLE_25, cl, Script(desired=[(1.0, 12)]), _bounded(8))
+    assert [(e.desired, e.allowed) for e in d.history if e.kind == "capped"] == [(12, 8)]
+    assert d.state.candidate_target == 8
+
+
+def test_a_pool_whose_smallest_step_does_not_fit_keeps_its_size_and_says_why() -> None:
+    """One replica's worth of GPUs: even 1 + 1 does not fit, so nothing is capped; the step
+    waits for GPUs (and fails at its deadline, as without a cap)."""
+    from fake_cluster import FakeCluster
+    from sim_loop import run
+
+    from rollout import controller as c
+
+    cl = FakeCluster(desired=1, start_delay=(5, 5), capacity=1)
+    state, _ = c.start(SURGE_25, 1, 0.0)
+    d = c.decide(state, cl.observe())
+    capped = [e for e in d.events if e.kind == "capped"]
+    assert [(e.desired, e.allowed) for e in capped] == [(1, 1)]
+    assert capped[0].reason.startswith("even a pool of 1 needs room for 2")
+    assert run(SURGE_25, cl).state.desired == 1

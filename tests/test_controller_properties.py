@@ -5,6 +5,8 @@ against the in-memory fake cluster.
 
 Invariants, checked after every decision (the fake applies actions at once):
 - every replica holding a GPU counts: surge ≤ N + surge, unavailable ≤ N (while N is constant);
+- with a capacity the controller never asks for more replicas than it holds (when even the
+  smallest pool's step fits it);
   the controller's own targets never exceed N + headroom, whatever N does;
 - in a steady fleet (constant N, no crash, no failed start, no forced rollback, no backend
   failure, not a first deploy) ready replicas never drop below N (surge) or N − unavailable;
@@ -31,6 +33,7 @@ from hypothesis import strategies as st
 from sim_loop import Script, run
 
 from rollout import controller as c
+from rollout.capacity import pool_limit
 from rollout.planner import headroom, ready_floor
 from rollout.policy import RolloutPolicy
 
@@ -91,6 +94,7 @@ def cases(draw) -> Case:
         first_deploy=draw(st.integers(0, 3)) == 0,
         outages=outages,
         error_prob=draw(st.floats(0.01, 0.3)) if backend == "flaky" else 0.0,
+        capacity=draw(st.one_of(st.none(), st.integers(n, n + 100))),
     )
     script = Script(
         controls=draw(st.lists(st.tuples(times, st.sampled_from(CONTROLS)), max_size=6)),
@@ -125,7 +129,9 @@ def _checker(case: Case):
 
         assert c.RolloutState.from_json(s.to_json()) == s
         assert s.current_target + s.candidate_target <= n + headroom(pol, n)
-        if cl.now < first_resize:
+        if cl.capacity is not None and pool_limit(pol, cl.capacity) >= 1:
+            assert s.current_target + s.candidate_target <= cl.capacity, "asked past capacity"
+        if cl.now < first_resize and not s.capped:
             assert cl.holding() <= n + headroom(pol, n), "GPU bound exceeded"
 
         if case.steady and not s.forced:

@@ -1,4 +1,4 @@
-"""Scripted operator controls change the simulated timeline as DESIGN.md says.
+"""Scripted operator controls change the simulated timeline as docs/controller.md says.
 
 The fleet is test_sim_rollout's: 10 replicas, surge 25 % (3 per step), cold start 115 s seen
 at the 120 s health check, 60 s stabilization, rollout at 300 s. Without controls step k

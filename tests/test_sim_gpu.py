@@ -15,26 +15,44 @@ from sim.gpus import GpuSupply
 from sim.replica import Replica
 
 
-def test_surge_short_of_gpus_waits_and_says_why():
+def test_a_surge_short_of_gpus_shrinks_the_pool_so_that_its_steps_fit():
+    """10 replicas on 11 GPUs, surge 25 %: 10 + 3 does not fit. The largest pool whose step
+    fits is 8 (8 + 2 = 10 ≤ 11; 9 + 3 = 12 > 11), so the controller drives 8, says why, and
+    the rollout completes in 8 / 2 = 4 steps instead of failing at its deadline."""
     result = simulate(steady({"max_surge_percent": 25}, fleet__gpu_capacity=N + 1))
-    tl = result.timeline
-    # one surge replica got the spare GPU, the other two wait for one
-    row = tl[tl["t_s"] == AT_S].iloc[-1]
-    assert (row["candidate_starting"], row["pending_gpu"], row["gpus_in_use"]) == (3, 2, N + 1)
-    assert tl["gpus_in_use"].max() == N + 1  # never more than the cluster has
-    waits = [e.reason for e in result.events if isinstance(e, h.Waiting)]
-    assert "2 candidate replicas wait for a free GPU" in waits
-    # the step can never complete: the progress deadline fails the rollout, which rolls back
+    capped = [e for e in result.events if isinstance(e, h.Capped)]
+    assert [(e.t, e.desired, e.allowed, e.capacity) for e in capped] == [(AT_S, N, 8, N + 1)]
+    assert capped[0].reason == (
+        "desired 10 capped at 8: 8 + a surge of 2 use the 11 replicas the cluster can hold"
+    )
     s = result.summary
-    assert s["outcome"] == "failed"
-    assert s["steps"] == 0
-    (finished,) = [e for e in result.events if isinstance(e, h.Finished)]
-    assert "2 waiting for a GPU" in finished.reason
+    assert (s["outcome"], s["steps"], s["pool_capped_at"]) == ("succeeded", 4, 8)
+    tl = result.timeline
+    assert tl["gpus_in_use"].max() <= N + 1  # never more than the cluster has
+    assert tl.iloc[-1]["candidate_ready"] == 8
+
+
+def test_a_step_that_cannot_fit_at_all_waits_says_why_and_fails_at_its_deadline():
+    """One replica on one GPU: even a pool of 1 needs 2 for a surge step, so nothing is
+    capped; the candidate waits for a GPU until the progress deadline rolls the rollout back."""
+    result = simulate(steady({"max_surge_percent": 25}, fleet__replicas=1, fleet__gpu_capacity=1))
+    tl = result.timeline
+    row = tl[tl["t_s"] == AT_S].iloc[-1]
+    assert (row["candidate_starting"], row["pending_gpu"], row["gpus_in_use"]) == (1, 1, 1)
+    assert tl["gpus_in_use"].max() == 1
+    events = result.events
+    assert [e.allowed for e in events if isinstance(e, h.Capped)] == [1]
+    assert "1 candidate replicas wait for a free GPU" in [
+        e.reason for e in events if isinstance(e, h.Waiting)
+    ]
+    s = result.summary
+    assert (s["outcome"], s["steps"]) == ("failed", 0)
+    (finished,) = [e for e in events if isinstance(e, h.Finished)]
+    assert "1 waiting for a GPU" in finished.reason
     deadline = 600.0
     assert AT_S + deadline < finished.t <= AT_S + deadline + 10  # seen at the next check
-    # no traffic ever went to the candidate, and the current version kept its full size
-    assert (tl["candidate_weight"] == 0).all()
-    assert (tl["current_ready"] == N).all()
+    assert (tl["candidate_weight"] == 0).all()  # no traffic ever went to the candidate
+    assert (tl["current_ready"] == 1).all()
     assert tl.iloc[-1]["candidate_starting"] == tl.iloc[-1]["pending_gpu"] == 0
 
 
@@ -108,3 +126,43 @@ def _replica_hours(tl, end):
     held = held - tl["pending_gpu"]
     spans = np.diff(np.append(tl["t_s"].to_numpy(), end))
     return float((held.to_numpy() * spans).sum() / 3600)
+
+
+TIGHT = """
+name: tight
+seed: 5
+trace: {synthetic: {process: poisson, rate_per_s: 1.0, duration_s: 600}}
+service: {kind: deterministic, mean_s: 0.5}
+fleet: {replicas: 4, gpu_capacity: 5, max_ongoing_requests: 2}
+cold_start: {kind: deterministic, seconds: 30}
+health_check: {period_s: 5}
+rollout:
+  at_s: 60
+  policy: {max_surge_percent: 25, stabilization_time_seconds: 0}
+sweep:
+  max_surge_percent: [25, 50]
+  max_unavailable_percent: []
+  stabilization_time_seconds: [0]
+  seeds: 1
+slo: {latency_p99_s: 5.0}
+"""
+
+
+def test_a_sweep_says_which_policies_the_gpus_capped(tmp_path) -> None:
+    """4 replicas on 5 GPUs: surge 25 % (4 + 1) fits; surge 50 % (4 + 2) does not, and the
+    largest pool whose step fits is 3 (3 + ceil(1.5) = 5)."""
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from rollout.cli import app
+
+    path = tmp_path / "tight.yaml"
+    path.write_text(TIGHT)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["sweep", str(path), "--out", str(out), "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    rows = pd.read_csv(out / "sweep.csv").set_index("max_surge_percent")
+    assert rows.loc[50, "pool_capped_at"] == 3 and rows.loc[50, "outcome"] == "succeeded"
+    assert np.isnan(rows.loc[25, "pool_capped_at"])
+    report = (out / "report.md").read_text()
+    assert "capped the pool of `surge=50 stab=0` (down to 3)" in report
