@@ -90,3 +90,55 @@ def test_a_good_release_with_the_guard_succeeds_and_reports_no_trip(tmp_path):
     assert s["outcome"] == "succeeded"
     assert (s["guard_tripped_s"], s["detect_s"], s["guard_tripped_weight"]) == (None, None, None)
     assert s["bad_requests"] == 0
+
+
+SWEEP = """
+name: tiny-guard
+seed: 3
+trace: {synthetic: {process: poisson, rate_per_s: 10, duration_s: 600}}
+service: {kind: exponential, mean_s: 0.2}
+fleet: {replicas: 4, gpu_capacity: 8, max_ongoing_requests: 4}
+cold_start: {kind: deterministic, seconds: 20}
+health_check: {period_s: 5}
+rollout:
+  at_s: 60
+  policy:
+    max_surge_percent: 25
+    stabilization_time_seconds: 30
+    guard: {window_s: 30, min_requests: 20, max_error_rate: 0.05, action: force_cancel}
+sweep:
+  max_surge_percent: [25, 50]
+  max_unavailable_percent: [25]
+  stabilization_time_seconds: [30]
+  seeds: 1
+  bad_release: {error_rate: 0.5}
+slo: {latency_p99_s: 5}
+"""
+
+
+def test_sweep_runs_each_policy_good_and_bad_and_names_the_smallest_blast_radius(tmp_path):
+    from sim.sweep import BAD_CSV_NAME, run_sweep, write_sweep
+
+    path = tmp_path / "s.yaml"
+    path.write_text(SWEEP)
+    result = run_sweep(load_scenario(path), workers=1)
+    good, bad = result.rows, result.bad_rows
+    assert len(good) == len(bad) == 3
+    assert set(good["outcome"]) == {"succeeded"} and good["guard_tripped_s"].isna().all()
+    assert set(bad["outcome"]) == {"cancelled"} and bad["guard_tripped_s"].notna().all()
+    assert (bad["detect_s"] > 0).all() and (bad["bad_requests"] > 0).all()
+    table = result.policies.set_index("policy")
+    for _, row in bad.iterrows():
+        assert table.loc[row["policy"], "bad_requests"] == row["bad_requests"]
+    caught = table[table["slo_met"] & table["bad_caught"]]
+    best = caught["bad_requests"].idxmin()
+    field, pct = ("max_surge_percent", best.split()[0].split("=")[1])
+    if best.startswith("unavailable"):
+        field = "max_unavailable_percent"
+    assert result.guard_pick is not None and f"{field}={pct}," in result.guard_pick
+    assert f"at most {int(caught['bad_requests'].min()):,} bad requests" in result.guard_pick
+    out = write_sweep(result, tmp_path / "out", timelines=False)
+    report = (out / "report.md").read_text()
+    assert "## Bad release" in report and result.guard_pick in report
+    assert (out / "blast.png").stat().st_size > 10_000
+    assert len(pd.read_csv(out / BAD_CSV_NAME)) == 3
