@@ -210,7 +210,7 @@ MODES = ["max_surge_percent", "max_unavailable_percent"]
 
 @st.composite
 def guarded(draw, bad: bool):
-    n = draw(st.integers(1, 60))
+    n = draw(st.integers(1, 40))
     mode = draw(st.sampled_from(MODES))
     guard = GuardPolicy(
         window_s=draw(st.floats(5, 300)),
@@ -221,7 +221,7 @@ def guarded(draw, bad: bool):
     )
     pol = RolloutPolicy(
         **{mode: draw(st.integers(1, 50))},
-        stabilization_time_seconds=draw(st.floats(0, 600)),
+        stabilization_time_seconds=draw(st.floats(0, 300)),
         progress_deadline_seconds=86400,
         guard=guard,
     )
