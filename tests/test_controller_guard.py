@@ -269,3 +269,12 @@ def test_a_healthy_candidate_never_trips(case):
     d = run(pol, cl, script, _min_requests_check, heartbeat_s=10)
     assert not events(d, "guard_breached")
     assert d.state.phase is c.Phase.SUCCEEDED
+
+
+def test_history_lines_print_a_policy_with_a_guard():
+    from executor.status import format_event
+
+    started = c.start(policy(), 10, 0.0)[1][0]
+    line = format_event(started)
+    assert "guard={window_s=60,min_requests=50,max_error_rate=0.01,action=cancel}" in line
+    assert "max_latency_p99_s" not in line  # unset limits are left out
