@@ -215,9 +215,9 @@ def guard_summary(
     if bad and tripped is not None and len(first):
         detect = tripped - float(first[0])
     weight = None
-    if tripped is not None:
+    if tripped is not None:  # the weight in effect just before the guard acted
         t = timeline["t_s"].to_numpy()
-        row = max(0, int(np.searchsorted(t, tripped, side="right")) - 1)
+        row = max(0, int(np.searchsorted(t, tripped, side="left")) - 1)
         weight = float(timeline["candidate_weight"].iloc[row])
     return {
         "guard_tripped_s": tripped,
