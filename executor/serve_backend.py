@@ -29,6 +29,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from pydantic import BaseModel
@@ -37,9 +38,11 @@ from executor import cluster
 from executor.deploy_file import DeploySpec, version_app
 from executor.router import DEPLOYMENT as ROUTER_DEPLOYMENT
 from executor.router_client import read_router, router_actor_names, wait_for_stamp
+from executor.router_metrics import guard_traffic
 from rollout import controller as c
 from rollout import history as h
 from rollout.autoscaler import Autoscaler
+from rollout.guard import Traffic
 
 ROLES = (c.CURRENT, c.CANDIDATE)
 ROUTER_IMPORT = "executor.router:app"
@@ -235,6 +238,14 @@ def router_stats(name: str) -> dict[str, Any]:
     return {**view.snapshot, "stamps": view.stamps}
 
 
+def version_traffic(plan: Plan) -> dict[str, Traffic]:
+    """Each role's traffic over the metrics window, for the metric guard: the one place the
+    executor fetches it (today from the router replicas; empty while none answers, so the guard
+    sees too few requests rather than a failure)."""
+    stats = router_stats(plan.name)
+    return guard_traffic(stats, {role: plan.version(role) for role in ROLES})
+
+
 class ServeBackend:
     """`observe()` and `apply()` for the driver loop, plus the events applying produced."""
 
@@ -260,6 +271,9 @@ class ServeBackend:
         # whose actors have not yet given their GPU back (or other work on the cluster)
         self._unaccounted = max(0.0, total_gpus - free_gpus - listed_gpus(details))
         seen = {role: self._version(role, details, free_gpus) for role in ROLES}
+        if self.plan.spec.policy.guard is not None:
+            traffic = version_traffic(self.plan)
+            seen = {role: replace(v, traffic=traffic[role]) for role, v in seen.items()}
         return c.Observation(
             time=now,
             desired=self._desired(now),
@@ -555,7 +569,9 @@ class ServeBackend:
             return stamp
 
     def _user_config(self, stamp: int, routes: list[dict[str, Any]]) -> dict[str, Any]:
-        window = self.plan.spec.router.metrics_window_s
+        # the metric guard judges the router's window: its own when it has one
+        guard = self.plan.spec.policy.guard
+        window = guard.window_s if guard else self.plan.spec.router.metrics_window_s
         return {"stamp": stamp, "routes": routes, "window_s": window}
 
     def _wait_for_router(self, stamp: int) -> None:

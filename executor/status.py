@@ -93,9 +93,22 @@ def format_event(e: h.Event) -> str:
         if isinstance(v, float):
             v = f"{v:.4g}"
         elif isinstance(v, dict):
-            v = ",".join(f"{a}={b:g}" for a, b in v.items())
+            v = _fields(v)
         parts.append(f"{k}={v}")
     return f"{_clock(e.t)}  {e.kind:<16} " + "  ".join(parts)
+
+
+def _fields(d: dict[str, Any]) -> str:
+    """`a=1,b=2` for a policy; unset (None) fields left out, a nested one (the guard) braced."""
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.append(f"{k}={{{_fields(v)}}}")
+        elif isinstance(v, int | float) and not isinstance(v, bool):
+            out.append(f"{k}={v:g}")
+        elif v is not None:
+            out.append(f"{k}={v}")
+    return ",".join(out)
 
 
 def format_status(s: dict[str, Any]) -> str:

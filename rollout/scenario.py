@@ -235,9 +235,17 @@ class FaultSpec(_Strict):
 
 
 class CandidateOverrides(_Strict):
+    """How the candidate differs from the current version. A candidate with a service of its
+    own or an error rate is a bad release for the summary's blast radius (`bad_requests`)."""
+
     service: ServiceSpec | None = None
     cold_start: ColdStartSpec | None = None
     faults: FaultSpec | None = None
+    error_rate: float = Field(0.0, ge=0, le=1)  # this share of its requests fails at once
+
+    @property
+    def bad(self) -> bool:
+        return self.error_rate > 0 or self.service is not None
 
 
 class ScriptedControl(_Strict):
@@ -258,9 +266,13 @@ class SweepGrid(_Strict):
     stabilization_time_seconds: list[float] = [0.0]
     seeds: int = Field(3, ge=1, le=1000)
     rollout_at_s: list[float] = []  # the same policies rolled out at each time; []: rollout.at_s
+    # each policy also rolls out this bad candidate (overrides on top of rollout.candidate)
+    bad_release: CandidateOverrides | None = None
 
     @model_validator(mode="after")
     def _times(self) -> SweepGrid:
+        if self.bad_release is not None and not self.bad_release.bad:
+            raise ValueError("sweep.bad_release needs an error_rate above 0 or a service")
         for t in self.rollout_at_s:
             if t < 0:
                 raise ValueError(f"sweep.rollout_at_s: {t:g} is before the trace starts")
@@ -396,4 +408,8 @@ def _resolve_paths(s: Scenario, base: Path) -> Scenario:
             changes["cold_start"] = cold(cand.cold_start)
         candidate = cand.model_copy(update=changes)
         update["rollout"] = s.rollout.model_copy(update={"candidate": candidate})
+    bad = s.sweep.bad_release if s.sweep else None
+    if s.sweep is not None and bad is not None and bad.service is not None:
+        bad = bad.model_copy(update={"service": service(bad.service)})
+        update["sweep"] = s.sweep.model_copy(update={"bad_release": bad})
     return s.model_copy(update=update)

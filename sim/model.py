@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Generator, Sequence
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -27,7 +28,14 @@ from sim.cluster import Cluster, Faults
 from sim.coldstart import ColdStart
 from sim.gpus import GpuSupply
 from sim.replica import CANDIDATE, CURRENT, VERSION_NAMES, Replica, State
-from sim.result import TIMELINE_COLUMNS, Billing, RolloutOutcome, SimResult, summarize
+from sim.result import (
+    TIMELINE_COLUMNS,
+    Billing,
+    RolloutOutcome,
+    SimResult,
+    guard_summary,
+    summarize,
+)
 from sim.router import DROPPED, FAILED, Router
 from sim.service import service_times
 
@@ -60,6 +68,10 @@ class Simulation:
             if cand_service == s.service
             else service_times(cand_service, self.trace, seed)
         )
+        fails = None
+        if cand is not None and cand.error_rate > 0:
+            draw = np.random.default_rng([seed, 0xBAD]).random(len(self.trace.arrival_s))
+            fails = draw < cand.error_rate
         self.env = simpy.Environment()
         self.router = Router(
             self.trace.arrival_s,
@@ -68,6 +80,7 @@ class Simulation:
             timeout_s=s.fleet.request_timeout_s,
             seed=seed,
             on_drained=self._drained,
+            fails=fails,
         )
         on_demand = s.fleet.on_demand
         self.gpus = GpuSupply(
@@ -129,11 +142,18 @@ class Simulation:
         return self.env.now
 
     def observe(self) -> c.Observation:
+        current = self.cluster.observe(CURRENT)
+        candidate = self.cluster.observe(CANDIDATE)
+        guard = self.driver.state.policy.guard if self.driver else None
+        if guard is not None:  # the metric guard's window, measured only when it has one
+            cur, cand = self.router.traffic(self.env.now, guard.window_s)
+            current = replace(current, traffic=cur)
+            candidate = replace(candidate, traffic=cand)
         return c.Observation(
             time=self.env.now,
             desired=self.desired,
-            current=self.cluster.observe(CURRENT),
-            candidate=self.cluster.observe(CANDIDATE),
+            current=current,
+            candidate=candidate,
             capacity=self.gpus.max_replicas,
         )
 
@@ -343,6 +363,8 @@ class Simulation:
             scenario=s.name,
         )
         events = list(self.driver.history) if self.driver else []
+        bad = s.rollout is not None and s.rollout.candidate.bad
+        summary |= guard_summary(requests, timeline, events, bad=bad)
         return SimResult(summary, requests, timeline, events, self._replicas())
 
     def _replicas(self) -> pd.DataFrame:

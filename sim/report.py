@@ -183,6 +183,41 @@ def draw_durations(ax: Axes, policies: pd.DataFrame) -> None:
     ax.grid(axis="y", alpha=0.3)
 
 
+def draw_blast(ax: Axes, policies: pd.DataFrame) -> None:
+    """Bad requests (worst bad-release run) against the good release's rollout duration: the
+    speed a policy buys with exposure. Hollow: not caught before all traffic reached it."""
+    for mode, color in MODE_COLORS.items():
+        p = policies[policies["mode"] == mode]
+        if not len(p):
+            continue
+        x = p["rollout_duration_s"].to_numpy(dtype=float) / 60
+        y = p["bad_requests"].to_numpy(dtype=float)
+        caught = p["bad_caught"].fillna(False).to_numpy(dtype=bool)
+        ax.scatter(x[caught], y[caught], color=color, label=f"{mode}: caught", zorder=3)
+        ax.scatter(
+            x[~caught], y[~caught], facecolors="none", edgecolors=color, zorder=3,
+            label=f"{mode}: not caught before 100 %",
+        )  # fmt: skip
+        for xi, yi, label in zip(x, y, p["policy"], strict=True):
+            ax.annotate(
+                label.split(" ", 1)[1] if " " in label else label,
+                (xi, yi), textcoords="offset points", xytext=(4, 3), fontsize=6,
+            )  # fmt: skip
+    ax.set_xlabel("rollout duration with the good release, min (mean)")
+    ax.set_ylabel("bad requests (worst run)")
+    ax.set_yscale("symlog", linthresh=100)
+    ax.set_title("Bad release: blast radius against rollout speed")
+    ax.title.set_fontsize(10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+
+
+def plot_blast(policies: pd.DataFrame, path: Path) -> None:
+    fig = Figure(figsize=(7.5, 4.8), dpi=110, layout="tight")
+    draw_blast(fig.subplots(), policies)
+    fig.savefig(path)
+
+
 def plot_pareto(policies: pd.DataFrame, path: Path, slo: Slo, rec: Recommendation) -> None:
     fig = Figure(figsize=(7.5, 4.8), dpi=110, layout="tight")
     FigureCanvasAgg(fig)  # a canvas that can measure text, for label placement
@@ -213,6 +248,7 @@ class ReportInputs:
     rollout_times: list[float]  # rollout.at_s of the runs
     fleet: FleetSpec  # for the billing
     images: dict[str, str]  # caption -> file name, in order
+    guard_pick: str | None = None  # with a bad release: the policy that limits it best
 
 
 def billing_text(fleet: FleetSpec) -> str:
@@ -318,6 +354,8 @@ def render_report(r: ReportInputs) -> str:
             "rollout (see the `capped` events of its history).",
             "",
         ]
+    if r.guard_pick is not None:
+        lines += _bad_release_lines(r)
     for caption, name in r.images.items():
         lines += [f"## {caption}", "", f"![{caption}]({name})", ""]
     lines += [
@@ -328,6 +366,32 @@ def render_report(r: ReportInputs) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _bad_release_lines(r: ReportInputs) -> list[str]:
+    lines = [
+        "## Bad release",
+        "",
+        f"**{r.guard_pick}**",
+        "",
+        "Each policy also rolled out the sweep's bad release (`sweep.bad_release`), on the same "
+        "seeds. *Bad requests* are the requests the bad release handled, answered or failed "
+        "(worst run); *detected* is the time from its first request to the guard's action "
+        "(worst run); *caught* says whether the guard acted before all traffic reached it on "
+        "every run.",
+        "",
+        "| policy | bad requests (worst) | bad requests (mean) | detected s (worst) | caught |"
+        " rollout min (good) | meets SLO (good) |",
+        "|---|---:|---:|---:|---|---:|---|",
+    ]
+    for _, p in r.policies.sort_values(["bad_requests", "rollout_duration_s"]).iterrows():
+        lines.append(
+            f"| {p['policy']} | {_num(p['bad_requests'], ',.0f')} | "
+            f"{_num(p['bad_requests_mean'], ',.0f')} | {_num(p['detect_s'], '.0f')} | "
+            f"{int(p['bad_runs_caught'])}/{int(p['runs'])} | "
+            f"{_num(p['rollout_duration_s'] / 60, '.1f')} | {'yes' if p['slo_met'] else 'no'} |"
+        )
+    return [*lines, ""]
 
 
 def _num(x: float, fmt: str = ".2f") -> str:

@@ -68,19 +68,29 @@ class SweepPoint:
     policy: RolloutPolicy
     seed: int
     rollout_at_s: float | None = None
+    bad: bool = False  # rolls out the sweep's bad release instead of the candidate
 
     @property
     def label(self) -> str:
         at = "" if self.rollout_at_s is None else f" at={self.rollout_at_s:g}"
-        return f"{self.policy.label()} seed={self.seed}{at}"
+        return f"{self.policy.label()} seed={self.seed}{at}{' bad release' if self.bad else ''}"
 
     def scenario(self, base: Scenario) -> Scenario:
-        """The scenario this point simulates: its policy, and its rollout time if it has one."""
+        """The scenario this point simulates: its policy, its rollout time if it has one, and
+        the bad release's overrides on the candidate for a bad point."""
         scenario = base.with_policy(self.policy)
-        if self.rollout_at_s is None:
-            return scenario
         assert scenario.rollout is not None  # with_policy always sets one
-        rollout = scenario.rollout.model_copy(update={"at_s": self.rollout_at_s})
+        update: dict[str, Any] = {}
+        if self.rollout_at_s is not None:
+            update["at_s"] = self.rollout_at_s
+        if self.bad:
+            assert base.sweep is not None and base.sweep.bad_release is not None
+            bad = base.sweep.bad_release
+            changes = {k: getattr(bad, k) for k in bad.model_fields_set}
+            update["candidate"] = scenario.rollout.candidate.model_copy(update=changes)
+        if not update:
+            return scenario
+        rollout = scenario.rollout.model_copy(update=update)
         return scenario.model_copy(update={"rollout": rollout})
 
 
@@ -113,7 +123,11 @@ def sweep_points(scenario: Scenario) -> list[SweepPoint]:
                     f"{ctl.at_s:g} s (rollout.controls)"
                 )
     combos = [(p, at, seed) for p in policies for at in times for seed in seeds]
-    return [SweepPoint(i, p, seed, at) for i, (p, at, seed) in enumerate(combos)]
+    bad = [False] if grid.bad_release is None else [False, True]
+    return [
+        SweepPoint(i, p, seed, at, b)
+        for i, (b, (p, at, seed)) in enumerate((b, c) for b in bad for c in combos)
+    ]
 
 
 def simulate_point(scenario: Scenario, point: SweepPoint) -> dict[str, Any]:
@@ -338,6 +352,8 @@ class SweepResult:
     point_seconds: list[float]  # per point, time inside the simulation
     wall_s: float
     backend: str
+    bad_rows: pd.DataFrame | None = None  # the bad release's runs (sweep.bad_release)
+    guard_pick: str | None = None  # the sentence naming the policy that limits it best
 
     def point(self, policy: str) -> SweepPoint:
         """The first point (seed, rollout time) of a policy label."""
@@ -375,18 +391,28 @@ def run_sweep(
             outcomes[out.index] = out
     wall = time.perf_counter() - t0
 
-    rows = pd.DataFrame([_row(scenario, p, outcomes[p.index].metrics) for p in points])
+    good = [p for p in points if not p.bad]
+    rows = pd.DataFrame([_row(scenario, p, outcomes[p.index].metrics) for p in good])
     rows = verdict.assess(rows, scenario.slo)
     policies = verdict.policy_table(rows)
+    bad_rows, pick = None, None
+    if len(good) < len(points):
+        bad_rows = pd.DataFrame(
+            [_row(scenario, p, outcomes[p.index].metrics) for p in points if p.bad]
+        )
+        policies = policies.merge(verdict.blast_table(bad_rows), on="policy", how="left")
+        pick = verdict.guard_pick(policies, scenario.slo)
     return SweepResult(
         scenario=scenario,
-        points=points,
+        points=good,
         rows=rows,
         policies=policies,
         recommendation=verdict.recommend(policies, scenario.slo),
         point_seconds=[outcomes[p.index].seconds for p in points],
         wall_s=wall,
         backend=backend,
+        bad_rows=bad_rows,
+        guard_pick=pick,
     )
 
 
@@ -447,6 +473,7 @@ def _progress_bar(total: int, enabled: bool) -> Iterator[Progress]:
 # --- files -------------------------------------------------------------------------------------
 
 CSV_NAME = "sweep.csv"
+BAD_CSV_NAME = "sweep-bad-release.csv"
 
 
 def write_sweep(result: SweepResult, out_dir: Path | str, *, timelines: bool = True) -> Path:
@@ -465,6 +492,10 @@ def write_sweep(result: SweepResult, out_dir: Path | str, *, timelines: bool = T
         "p99 latency in the worst 5 minutes of the rollout against GPU cost": "pareto.png",
         "Rollout duration per setting": "durations.png",
     }
+    if result.bad_rows is not None:
+        result.bad_rows.to_csv(out / BAD_CSV_NAME, index=False)
+        report.plot_blast(result.policies, out / "blast.png")
+        images["Bad release: blast radius against rollout duration"] = "blast.png"
     if timelines:
         from sim.plots import plot_timeline
 
@@ -493,6 +524,7 @@ def write_sweep(result: SweepResult, out_dir: Path | str, *, timelines: bool = T
             rollout_times=sorted(set(result.rows["rollout_at_s"])),
             fleet=result.scenario.fleet,
             images=images,
+            guard_pick=result.guard_pick,
         )
     )
     (out / "report.md").write_text(text)
@@ -512,9 +544,10 @@ def sweep_command(
     n_pol = len({p.policy for p in points})
     n_at = len({p.rollout_at_s for p in points})
     times = f" × {n_at} rollout times" if n_at > 1 else ""
+    bad = " × good and bad release" if any(p.bad for p in points) else ""
     typer.echo(
-        f"Sweeping {scenario.name}: {n_pol} policies × {len(points) // (n_pol * n_at)} seeds"
-        f"{times} = {len(points)} simulations",
+        f"Sweeping {scenario.name}: {n_pol} policies × {len({p.seed for p in points})} seeds"
+        f"{times}{bad} = {len(points)} simulations",
         err=True,
     )
     result = run_sweep(scenario, workers=workers, ray_address=ray_address, progress=True)
@@ -526,3 +559,5 @@ def sweep_command(
         err=True,
     )
     typer.echo(result.recommendation.message)
+    if result.guard_pick is not None:
+        typer.echo(result.guard_pick)
