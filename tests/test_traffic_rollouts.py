@@ -464,7 +464,12 @@ def test_llm_rollout_under_trace_replay(ray_cluster: RayCluster, llm: Path) -> N
     assert ready, "the replay did not start within 60 s"
     announced = replay.stderr.readline()
     assert announced.startswith("replaying "), announced
-    time.sleep(2)
+    # the window's first request is sent ~10.6 s after the start (a quiet spell in the trace):
+    # the rollout starts once a few have gone to v1 (rolling to v2 can take less than that)
+    from measure.load import read_trace_csv, schedule
+
+    first = schedule(read_trace_csv(trace), time_scale=2, start_s=240, duration_s=90).at_s[0]
+    time.sleep(first + 1)
     done = c.cli("deploy", str(llm_file(c, llm, "v2")))
     assert done.returncode == 0, done.stdout + done.stderr
     stdout, stderr = replay.communicate(timeout=120)
