@@ -6,7 +6,7 @@ placement that never overprints) and report.md. What the sweep decided comes fro
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -213,6 +213,8 @@ class ReportInputs:
     rollout_times: list[float]  # rollout.at_s of the runs
     fleet: FleetSpec  # for the billing
     images: dict[str, str]  # caption -> file name, in order
+    failures: list[str] = field(default_factory=list)  # `policy seed=…: Error: message`
+    failed: int = 0  # how many simulations failed (failures may list only the first ones)
 
 
 def billing_text(fleet: FleetSpec) -> str:
@@ -294,7 +296,7 @@ def render_report(r: ReportInputs) -> str:
     for _, p in r.policies.sort_values(["cost_usd", "rollout_duration_s"]).iterrows():
         mark = "**" if p["policy"] == rec.policy else ""
         row = (
-            f"| {mark}{p['policy']}{mark} | {p['cost_usd']:.2f} | {_num(p['latency_p99_s'])} | "
+            f"| {mark}{p['policy']}{mark} | {_num(p['cost_usd'])} | {_num(p['latency_p99_s'])} | "
             f"{_num(p['ttft_p99_s'])} | {_num(p['latency_p99_rollout_s'])} / "
             f"{_num(p['ttft_p99_rollout_s'])} | {p['drop_rate']:.2%} | {p['failed_rate']:.2%} | "
             f"{_num(p['rollout_duration_s'] / 60, '.1f')} | {_num(p['peak_gpus'], '.0f')} | "
@@ -307,6 +309,16 @@ def render_report(r: ReportInputs) -> str:
             f"{'yes' if p['pareto'] else ''} |"
         )
     lines.append("")
+    if r.failures:
+        lines += [
+            "## Failed simulations",
+            "",
+            f"{r.failed} of {runs} simulations raised an error and have no numbers "
+            "(`outcome` `error` in `sweep.csv`); their policies count as not meeting the SLO:",
+            "",
+            *(f"- `{line}`" for line in r.failures),
+            "",
+        ]
     for caption, name in r.images.items():
         lines += [f"## {caption}", "", f"![{caption}]({name})", ""]
     lines += [

@@ -20,6 +20,7 @@ from rollout.cli import app
 from rollout.errors import InputError
 from rollout.scenario import Scenario, Slo, load_scenario
 from sim import verdict
+from sim.inputs import Inputs
 from sim.sweep import (
     SweepPoint,
     run_sweep,
@@ -57,7 +58,7 @@ def scenario(tmp_path: Path) -> Scenario:
     return load_scenario(write_scenario(tmp_path))
 
 
-def fake_point(scenario: Scenario, point: SweepPoint) -> dict[str, Any]:
+def fake_point(scenario: Scenario, point: SweepPoint, inputs: Inputs) -> dict[str, Any]:
     """Numbers shaped like a rollout's: surge costs GPUs, unavailable costs latency, longer
     stabilization costs time; each seed adds its own noise."""
     pol = point.policy
@@ -88,14 +89,14 @@ def fake_point(scenario: Scenario, point: SweepPoint) -> dict[str, Any]:
     }
 
 
-def never_called(scenario: Scenario, point: SweepPoint) -> dict[str, Any]:
+def never_called(scenario: Scenario, point: SweepPoint, inputs: Inputs) -> dict[str, Any]:
     raise AssertionError("a point ran although the grid was invalid")
 
 
-def broken_point(scenario: Scenario, point: SweepPoint) -> dict[str, Any]:
+def broken_point(scenario: Scenario, point: SweepPoint, inputs: Inputs) -> dict[str, Any]:
     if point.policy.max_unavailable_percent == 50:
         raise ZeroDivisionError("boom")
-    return fake_point(scenario, point)
+    return fake_point(scenario, point, inputs)
 
 
 # --- grid --------------------------------------------------------------------------------------
@@ -168,14 +169,45 @@ def test_rows_follow_grid_order_with_policy_fields(scenario: Scenario) -> None:
         assert row["seed"] == point.seed
         assert row["max_surge_percent"] == point.policy.max_surge_percent
         assert row["stabilization_time_seconds"] == point.policy.stabilization_time_seconds
-        assert row["cost_usd"] == fake_point(scenario, point)["cost_usd"]
+        assert row["cost_usd"] == fake_point(scenario, point, Inputs())["cost_usd"]
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_a_failing_point_names_itself(scenario: Scenario, workers: int) -> None:
-    failed = r"unavailable=50 stab=0 seed=4[0-2] failed: ZeroDivisionError: boom"
-    with pytest.raises(RuntimeError, match=failed):
-        run_sweep(scenario, workers=workers, point_fn=broken_point)
+def test_failing_points_are_named_and_the_rest_completes(scenario: Scenario, workers: int) -> None:
+    result = run_sweep(scenario, workers=workers, point_fn=broken_point)
+    broken = [p.label for p in result.points if p.policy.max_unavailable_percent == 50]
+    assert len(broken) == 6  # unavailable=50 × 2 stabilizations × 3 seeds
+    assert result.failures == [f"{label}: ZeroDivisionError: boom" for label in broken]
+    assert not result.complete
+    failed = result.rows[result.rows["outcome"] == "error"]
+    assert list(failed["error"]) == ["ZeroDivisionError: boom"] * 6
+    assert failed["cost_usd"].isna().all() and not failed["slo_met"].any()
+    ok = result.rows[result.rows["outcome"] != "error"]
+    assert len(ok) == 18 and ok["error"].isna().all()
+    expected = run_sweep(scenario, workers=1, point_fn=fake_point).rows
+    for column in ("policy", "seed", "cost_usd", "latency_p99_rollout_s"):
+        assert list(ok[column]) == list(expected.loc[ok.index, column])
+    assert not result.recommendation.policy.startswith("unavailable=50")
+
+
+def test_cli_reports_failed_points_and_exits_incomplete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sim import sweep
+
+    monkeypatch.setattr(sweep, "simulate_point", broken_point)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(
+        app, ["sweep", str(write_scenario(tmp_path)), "--workers", "1", "--out", str(out)]
+    )
+    assert res.exit_code == sweep.INCOMPLETE == 3
+    assert "Incomplete: 6 of 24 simulations failed" in res.stderr
+    assert "  unavailable=50 stab=60 seed=42: ZeroDivisionError: boom" in res.stderr
+    assert res.stdout.startswith("Recommended:")
+    report = (out / "report.md").read_text()
+    assert "## Failed simulations" in report and "6 of 24 simulations" in report
+    assert "- `unavailable=50 stab=0 seed=40: ZeroDivisionError: boom`" in report
+    assert (pd.read_csv(out / "sweep.csv")["outcome"] == "error").sum() == 6
 
 
 def test_summary_metrics_keep_scalars_in_a_stable_order() -> None:
