@@ -191,6 +191,7 @@ def run_sweep(
     ray_address: str | None = None,
     progress: bool = False,
     point_fn: PointFn | None = None,  # None: simulate_point
+    inputs: Inputs | None = None,  # the scenario's files, if already read; else read here
 ) -> SweepResult:
     """Run the scenario's grid: serially for one worker, else in worker processes or Ray tasks.
 
@@ -204,7 +205,7 @@ def run_sweep(
     points = sweep_points(scenario)
     _check_runner(workers, ray_address)
     scenario = scenario.with_engine_profiles()
-    inputs = read_inputs(scenario)
+    inputs = read_inputs(scenario) if inputs is None else inputs
     n = min(workers or default_workers(), len(points))
     point_fn = point_fn or simulate_point
 
@@ -359,6 +360,7 @@ def sweep_command(
     scenario = load_scenario(path)
     points = sweep_points(scenario)  # fails on an invalid grid before anything runs
     _check_runner(workers, ray_address)
+    inputs = read_inputs(scenario)  # and on a bad file
     out_dir = out or Path("out") / f"sweep-{scenario.name}"
     n_pol = len({p.policy for p in points})
     n_at = len({p.rollout_at_s for p in points})
@@ -368,7 +370,9 @@ def sweep_command(
         f"{times} = {len(points)} simulations",
         err=True,
     )
-    result = run_sweep(scenario, workers=workers, ray_address=ray_address, progress=True)
+    result = run_sweep(
+        scenario, workers=workers, ray_address=ray_address, progress=True, inputs=inputs
+    )
     write_sweep(result, out_dir)
     busy = sum(result.point_seconds)
     typer.echo(

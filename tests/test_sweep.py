@@ -407,3 +407,37 @@ def test_write_sweep_files_round_trip(scenario: Scenario, tmp_path: Path) -> Non
     # every policy appears in the report's table
     for label in result.policies["policy"]:
         assert f"| {label} |" in text or f"| **{label}** |" in text
+
+
+def test_bad_input_files_stop_the_sweep_before_any_point_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Paths resolve against the scenario's folder whatever the working directory, and every
+    file is read and checked before a runner (local or Ray) is started."""
+    from sim import sweep
+
+    def no_runner(*args: object) -> None:
+        raise AssertionError("a runner started although an input file is bad")
+
+    for runner in ("run_serial", "run_processes", "run_ray"):
+        monkeypatch.setattr(sweep, runner, no_runner)
+    folder = tmp_path / "scenario"
+    folder.mkdir()
+    (folder / "trace.csv").write_text("arrival_s\n0\n1\nsoon\n")
+    text = SCENARIO.format(surge="[25]", unavailable="[25]").replace(
+        "{synthetic: {process: poisson, rate_per_s: 2.0, duration_s: 300}}", "{path: trace.csv}"
+    )
+    (folder / "tiny.yaml").write_text(text)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    scenario = load_scenario(Path("../scenario/tiny.yaml"))
+    assert scenario.trace.path == folder / "trace.csv"  # absolute, in the scenario's folder
+    for kwargs in ({"workers": 1}, {"workers": 2}, {"ray_address": "auto"}):
+        with pytest.raises(InputError, match=r"trace.csv: line 4: arrival_s 'soon'"):
+            run_sweep(scenario, point_fn=never_called, **kwargs)  # type: ignore[arg-type]
+    res = CliRunner().invoke(app, ["sweep", "../scenario/tiny.yaml", "--out", "out"])
+    assert res.exit_code == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rollout: error: ")
+    assert "trace.csv: line 4" in lines[0] and not Path("out").exists()
