@@ -94,8 +94,8 @@ def write_scenario(folder: Path, rate: float, seeds: int) -> Path:
             "policy": {"max_surge_percent": 25, "progress_deadline_seconds": 3600},
         },
         "sweep": {
-            "max_surge_percent": [10, 25, 34, 50, 75],
-            "max_unavailable_percent": [10, 25, 34, 50, 75],
+            "max_surge_percent": [10, 20, 25, 34, 50],
+            "max_unavailable_percent": [10, 20, 25, 34, 50],
             "stabilization_time_seconds": [0, 60, 300, 900],
             "rollout_at_s": [7200, 25200, 43200, 54000, 72000],  # 2:00, 7:00, 12:00, 15:00, 20:00
             "seeds": seeds,
