@@ -5,7 +5,7 @@ The grid is 2 modes × 5 percentages × 4 stabilization times × 5 rollout start
 the day) × 5 seeds = 1,000 simulations. The trace is a day-long synthetic diurnal trace (peak in
 the afternoon, trough at night), written to a CSV file the scenario names, so the sweep reads it
 once and ships it to its workers like a user's trace; it is scaled down to a mean of
-`--rate` requests/s (86,400 requests a day at 1/s) against 4 replicas of the bundled
+`--rate` requests/s (86,400 requests a day at 1/s) against 8 replicas of the bundled
 Llama-3.1-8B / H100 engine profile, so the whole benchmark fits a 2-core machine in minutes.
 
 For each backend it prints simulations per second, the per-simulation overhead (wall time ×
@@ -79,8 +79,8 @@ def write_scenario(folder: Path, rate: float, seeds: int) -> Path:
             "engine": {"profile": f"{data}/engines/llama-3.1-8b-h100-vllm.yaml", "max_num_seqs": 8},
         },
         "fleet": {
-            "replicas": 4,
-            "gpu_capacity": 6,
+            "replicas": 8,
+            "gpu_capacity": 12,
             "max_ongoing_requests": 8,
             "request_timeout_s": 60,
         },
