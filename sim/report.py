@@ -85,8 +85,10 @@ _LABEL_SPOTS = [
 
 
 def _place_labels(ax: Axes, policies: pd.DataFrame) -> None:
-    """Name every point without overprinting: each label takes the first spot that overlaps no
-    placed label, no marker and stays inside the axes (greedy, front labels first)."""
+    """Name the points without overprinting: each label takes the first spot that overlaps no
+    placed label, no marker and stays inside the axes (greedy, front labels first). A front
+    label with no free spot keeps its first; any other is left out (the report's table names
+    every policy), so a sweep of many policies stays readable."""
     fig = ax.get_figure()
     assert fig is not None
     fig.draw_without_rendering()  # settle the layout and limits before measuring
@@ -123,7 +125,7 @@ def _place_labels(ax: Axes, policies: pd.DataFrame) -> None:
                 if first is not None:
                     first.remove()
                 break
-            if first is None:
+            if first is None and on_front:
                 first = note  # kept if no spot is free
             else:
                 note.remove()
@@ -155,12 +157,17 @@ def _label_clusters(
 
 
 def _join_labels(labels: list[str]) -> str:
-    """`surge=25 stab=0` and `surge=25 stab=120` read as `surge=25 stab=0,120`."""
-    by_mode: dict[str, list[str]] = {}
+    """`surge=25 stab=0` and `surge=25 stab=120` read as `surge=25 stab=0,120`, and percentages
+    with the same stabilization times join too: `surge=10,25 stab=0,120`."""
+    by_head: dict[str, list[str]] = {}
     for label in labels:
         head, _, stab = label.partition(" stab=")
-        by_mode.setdefault(head, []).append(stab)
-    return "; ".join(f"{head} stab={','.join(stabs)}" for head, stabs in by_mode.items())
+        by_head.setdefault(head, []).append(stab)
+    joined: dict[tuple[str, str], list[str]] = {}
+    for head, stabs in by_head.items():
+        mode, _, pct = head.partition("=")
+        joined.setdefault((mode, ",".join(stabs)), []).append(pct)
+    return "; ".join(f"{m}={','.join(p)} stab={st}" for (m, st), p in joined.items())
 
 
 def draw_durations(ax: Axes, policies: pd.DataFrame) -> None:
