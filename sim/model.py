@@ -27,6 +27,7 @@ from rollout.traces import load_trace
 from sim.cluster import Cluster, Faults
 from sim.coldstart import ColdStart
 from sim.gpus import GpuSupply
+from sim.inputs import Inputs, read_inputs
 from sim.replica import CANDIDATE, CURRENT, VERSION_NAMES, Replica, State
 from sim.result import (
     TIMELINE_COLUMNS,
@@ -48,8 +49,15 @@ HORIZON_S = 7 * 24 * 3600.0
 
 class Simulation:
     def __init__(
-        self, scenario: Scenario, *, seed: int | None = None, progress: Progress | None = None
+        self,
+        scenario: Scenario,
+        *,
+        seed: int | None = None,
+        progress: Progress | None = None,
+        inputs: Inputs | None = None,
     ) -> None:
+        """`inputs`: the scenario's files, read beforehand (a sweep reads them once and ships
+        them to its workers); None reads them here."""
         self.scenario = scenario
         self.seed = scenario.seed if seed is None else seed
         self.progress = progress
@@ -57,7 +65,8 @@ class Simulation:
         if seed < 0:
             raise InputError(f"the seed must be a whole number >= 0 (got {seed})")
         self._check(s)
-        self.trace = load_trace(s.trace, seed=seed)
+        inputs = read_inputs(s) if inputs is None else inputs
+        self.trace = load_trace(s.trace, seed=seed, files=inputs)
         cand = s.rollout.candidate if s.rollout else None
         cand_service = cand.service if cand and cand.service else s.service
         cand_cold = cand.cold_start if cand and cand.cold_start else s.cold_start
@@ -88,7 +97,11 @@ class Simulation:
             s.fleet,
             None
             if on_demand is None
-            else ColdStart(on_demand.provision_s, np.random.default_rng([seed, 0x40DE])),
+            else ColdStart(
+                on_demand.provision_s,
+                np.random.default_rng([seed, 0x40DE]),
+                inputs.cold_start(on_demand.provision_s),
+            ),
             on_grant=lambda _: None,  # the cluster takes this over
             on_change=self._changed,
         )
@@ -98,8 +111,16 @@ class Simulation:
             health_period_s=s.health_check.period_s,
             drain_timeout_s=s.fleet.graceful_shutdown_timeout_s,
             cold_starts=(
-                ColdStart(s.cold_start, np.random.default_rng([seed, 0xC01D, 0])),
-                ColdStart(cand_cold, np.random.default_rng([seed, 0xC01D, 1])),
+                ColdStart(
+                    s.cold_start,
+                    np.random.default_rng([seed, 0xC01D, 0]),
+                    inputs.cold_start(s.cold_start),
+                ),
+                ColdStart(
+                    cand_cold,
+                    np.random.default_rng([seed, 0xC01D, 1]),
+                    inputs.cold_start(cand_cold),
+                ),
             ),
             faults=(
                 Faults(s.faults, np.random.default_rng([seed, 0xFA17, 0])),

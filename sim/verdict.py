@@ -194,6 +194,7 @@ def pareto_front(cost: Sequence[float], latency: Sequence[float]) -> np.ndarray:
     """Mask of points no other point beats: another point dominates when it is no worse on both
     axes and strictly better on one. Equal points are all on the front."""
     c = np.asarray(cost, dtype=float)
+    c = np.where(np.isnan(c), np.inf, c)  # a policy whose every run failed has no cost
     lat = np.asarray(latency, dtype=float)
     lat = np.where(np.isnan(lat), np.inf, lat)
     front = np.ones(len(c), dtype=bool)
