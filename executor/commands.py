@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from executor import cluster, rollouts, status, store
+from executor import cluster, rollouts, serve_calls, status, store
 from executor.deploy_file import DeploySpec, load_deploy_file
 from rollout import controller as c
 from rollout.errors import InputError
@@ -64,18 +64,14 @@ def deploy_command(path: Path, detach: bool = False) -> None:
 
 def _plan(spec: DeploySpec, url: str):  # type: ignore[no-untyped-def]
     """The plan for this deploy file against what the cluster runs now (None: nothing to do)."""
-    from executor.serve_backend import (
-        Plan,
-        candidate_app_config,
-        ingress_deployment,
-        live_versions,
-    )
+    from executor.plan import Plan, candidate_app_config, ingress_deployment
+    from executor.serve_config import live_versions
 
     address = cluster.address_for(spec)
     assert address is not None
     cluster.connect(address)
     cluster.ensure_serve(spec.http)
-    details = cluster.serve_client().get_serve_details()
+    details = serve_calls.details()
     live = live_versions(spec.name, details)
     if list(live) == [spec.version]:
         print(f"{spec.name} {spec.version} is already live; nothing to roll out", file=sys.stderr)
@@ -143,7 +139,7 @@ def recover_command(path: Path) -> None:
 
 def _run_here(st: store.Store, rollout_id: str, *, resume: bool) -> None:
     """Be the controller: run (or take over) the rollout's workflow in this process."""
-    from executor.serve_backend import Plan
+    from executor.plan import Plan
     from executor.workflow import ControllerProcess
 
     rec = st.get(rollout_id)
@@ -279,7 +275,7 @@ def down_command(path: Path | None = None) -> None:
         cluster.stop_local()
         print("removed every application and stopped the local Ray cluster")
         return
-    from executor.serve_backend import declarative_apps, remove_apps
+    from executor.serve_config import declarative_apps
 
     spec = load_deploy_file(path)
     address = cluster.address_for(spec, start=False)
@@ -290,11 +286,11 @@ def down_command(path: Path | None = None) -> None:
         print(f"no cluster runs {spec.name}")
         return
     cluster.connect(address)
-    removed = remove_apps(spec.name)
+    removed = serve_calls.remove_apps(spec.name)
     print(f"removed {', '.join(removed)}" if removed else f"{spec.name} was not deployed")
     local = cluster.local_cluster()
     if local and local.address == address:
-        left = declarative_apps(cluster.serve_client().get_serve_details())
+        left = declarative_apps(serve_calls.details())
         if not left:
             import ray
 
