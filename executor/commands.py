@@ -22,6 +22,7 @@ from rollout import controller as c
 from rollout.errors import InputError
 
 DETACH_WAIT_S = 90.0
+CANCEL_WINDOW_S = 5.0  # after Ctrl-C, a second one this soon cancels the rollout
 
 
 # ---- deploy ---------------------------------------------------------------------------------
@@ -57,7 +58,7 @@ def deploy_command(path: Path, detach: bool = False) -> None:
         what = f"deploying {plan.name} {plan.to_version}"
     print(f"{what} ({spec.rollout_policy().label()})", file=sys.stderr, flush=True)
     if detach:
-        _spawn(st, plan.id, "start")
+        _detach(st, plan.id, "start")
     else:
         _run_here(st, plan.id, resume=False)
 
@@ -115,7 +116,7 @@ def _resume(t: rollouts.Tracked, detach: bool) -> None:
         return
     print(f"resuming rollout {t.id} from its last recorded step", file=sys.stderr, flush=True)
     if detach:
-        _spawn(t.store, t.id, "recover")
+        _detach(t.store, t.id, "recover")
     else:
         _run_here(t.store, t.id, resume=True)
 
@@ -138,7 +139,9 @@ def recover_command(path: Path) -> None:
 
 
 def _run_here(st: store.Store, rollout_id: str, *, resume: bool) -> None:
-    """Be the controller: run (or take over) the rollout's workflow in this process."""
+    """Be the controller: run (or take over) the rollout's workflow in this process. Ctrl-C
+    hands the rollout to a background controller (as `--detach` does) instead of leaving it
+    without one; a second Ctrl-C within `CANCEL_WINDOW_S` cancels it."""
     from executor.plan import Plan
     from executor.workflow import ControllerProcess
 
@@ -152,11 +155,36 @@ def _run_here(st: store.Store, rollout_id: str, *, resume: bool) -> None:
             proc.take_over(rollout_id, plan)
         else:
             proc.start(plan)
-        state = _follow(status.client(st.url), rollout_id)
-        proc.drain()
+        try:
+            state = _follow(status.client(st.url), rollout_id)
+            proc.drain()
+        except KeyboardInterrupt:
+            proc.close()  # stops this controller and frees the lease for the next one
+            _hand_over(st, rollout_id)
     finally:
         proc.close()
     _finish(rollout_id, state)
+
+
+def _hand_over(st: store.Store, rollout_id: str) -> None:
+    """After Ctrl-C: a background controller takes the rollout over; one line says so. The
+    process then ends at once (os._exit), as a killed controller would: whatever step was in
+    flight here is run again by the next controller from its recorded input."""
+    pid, log = _spawn(st, rollout_id, "recover")
+    print(
+        f"interrupted: rollout {rollout_id} continues in a background controller (pid {pid}, "
+        f"log {log}); follow it with `rollout status {rollout_id}`, or press Ctrl-C again "
+        f"within {CANCEL_WINDOW_S:g} s to cancel it",
+        file=sys.stderr,
+        flush=True,
+    )
+    code = 130
+    try:
+        time.sleep(CANCEL_WINDOW_S)
+    except KeyboardInterrupt:
+        print(rollouts.find(rollout_id).send(c.Control.CANCEL), file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def _follow(db: object, rollout_id: str) -> str:
@@ -186,8 +214,16 @@ def _finish(rollout_id: str, state: str) -> None:
         raise SystemExit(1)
 
 
-def _spawn(st: store.Store, rollout_id: str, mode: str) -> None:
-    """Hand the rollout to a detached controller process and wait until it has it."""
+def _detach(st: store.Store, rollout_id: str, mode: str) -> None:
+    pid, _ = _spawn(st, rollout_id, mode)
+    print(
+        f"controller pid {pid} runs it; follow with `rollout status {rollout_id}`", file=sys.stderr
+    )
+
+
+def _spawn(st: store.Store, rollout_id: str, mode: str) -> tuple[int, str]:
+    """Hand the rollout to a detached controller process and wait until it has it; its pid
+    and log file."""
     logs = store.home() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log = (logs / f"{rollout_id}.log").open("a")
@@ -203,11 +239,7 @@ def _spawn(st: store.Store, rollout_id: str, mode: str) -> None:
     while time.monotonic() < deadline:
         wf, _ = status.workflow_state(db, rollout_id)
         if wf is not None and (wf not in status.ACTIVE or st.lease(rollout_id).live):
-            print(
-                f"controller pid {proc.pid} runs it; follow with `rollout status {rollout_id}`",
-                file=sys.stderr,
-            )
-            return
+            return proc.pid, log.name
         if proc.poll() is not None:
             raise InputError(f"the controller process exited early; see {log.name}")
         time.sleep(0.2)

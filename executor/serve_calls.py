@@ -25,7 +25,7 @@ T = TypeVar("T")
 DETAILS_TIMEOUT_S = 10.0  # Serve's controller assembling its details
 DEPLOY_TIMEOUT_S = 20.0  # Serve's controller validating and storing a whole config
 LOCK_WAIT_S = 30.0  # waiting for another writer of the cluster's config
-LOCK_TTL_S = 60.0  # how long a writer that died holding the lock blocks the others
+LOCK_TTL_S = 40.0  # a writer that died holding the lock blocks the others this long
 GCS_TIMEOUT_S = 10.0  # resource counts, actor look-ups
 
 

@@ -342,6 +342,9 @@ class ControllerProcess:
             time.sleep(0.5)
 
     def close(self) -> None:
+        """Stop this controller and free its leases (again: nothing happens)."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         DBOS.destroy()
         for rollout_id in self.held:
