@@ -213,6 +213,7 @@ def test_controller_killed_again_and_again_then_recovered(ray_cluster: RayCluste
     ]
     histories: list[list[dict[str, Any]]] = []
     pids: list[int] = []
+    controllers: list[subprocess.Popen[str]] = []
 
     def run() -> str:
         rollout_id = c.deploy_detached(path)
@@ -226,14 +227,20 @@ def test_controller_killed_again_and_again_then_recovered(ray_cluster: RayCluste
             os.kill(pids[-1], signal.SIGKILL)
             wait_for(lambda: not c.peek(rollout_id)["controller"]["running"], 10, what="death")
             histories.append(c.history(rollout_id))
-            if at is not moments[-1]:
-                c.popen("recover", str(path))  # the next controller, killed at the next moment
+            if at is not moments[-1]:  # the next controller, killed at the next moment
+                controllers.append(c.popen("recover", str(path)))
         done = c.cli("recover", str(path))
         assert done.returncode == 0, done.stdout + done.stderr
         return rollout_id
 
-    rollout_id, failed = under_load(c, run)
+    try:
+        rollout_id, failed = under_load(c, run)
+    finally:
+        for proc in controllers:
+            proc.kill()
+            proc.communicate(timeout=30)
     assert len(set(pids)) == 3
+    assert pids[1:] == [p.pid for p in controllers]
     assert c.status(rollout_id)["state"] == "succeeded"
     events = c.history(rollout_id)
     for before in histories:
