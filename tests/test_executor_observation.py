@@ -210,3 +210,30 @@ def test_a_replayed_apply_finds_its_config_deployed_and_still_waits_for_the_rout
     serve_backend.ServeBackend(plan, memory).apply(actions)  # the re-run, from the same memory
     assert calls == [f"confirm {stamp}", "deploy m,m_v1,m_v2"]
     assert router_link.stamp(deployed["m"]) == stamp
+
+
+# ---- every call has a timeout ---------------------------------------------------------------
+
+
+def test_a_call_that_hangs_or_fails_on_the_cluster_is_a_backend_error() -> None:
+    import threading
+
+    from rollout.driver import BackendError
+
+    release = threading.Event()
+    with pytest.raises(BackendError, match=r"Serve did not answer within 0\.2 s"):
+        serve_calls.bounded(lambda: release.wait(30), 0.2, "Serve")
+    release.set()
+
+    def lost() -> None:
+        raise ConnectionError("GCS unreachable\nmore lines")
+
+    with pytest.raises(BackendError, match=r"^Serve failed: ConnectionError: GCS unreachable$"):
+        serve_calls.bounded(lost, 5, "Serve")
+
+    def bug() -> None:
+        raise KeyError("replicas")
+
+    with pytest.raises(KeyError):  # a bug is not the cluster's failure: it propagates
+        serve_calls.bounded(bug, 5, "Serve")
+    assert serve_calls.bounded(lambda: 7, 5, "Serve") == 7
