@@ -14,15 +14,28 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from executor import cluster, rollouts, serve_calls, status, store
 from executor.deploy_file import DeploySpec, load_deploy_file
 from rollout import controller as c
+from rollout.driver import BackendError
 from rollout.errors import InputError
+
+T = TypeVar("T")
 
 DETACH_WAIT_S = 90.0
 CANCEL_WINDOW_S = 5.0  # after Ctrl-C, a second one this soon cancels the rollout
+
+
+def _cluster_call(fn: Callable[[], T]) -> T:
+    """A command's own call to Serve: a cluster that does not answer is one line, exit 2."""
+    try:
+        return fn()
+    except BackendError as e:
+        raise InputError(str(e)) from None
 
 
 # ---- deploy ---------------------------------------------------------------------------------
@@ -72,7 +85,7 @@ def _plan(spec: DeploySpec, url: str):  # type: ignore[no-untyped-def]
     assert address is not None
     cluster.connect(address)
     cluster.ensure_serve(spec.http)
-    details = serve_calls.details()
+    details = _cluster_call(serve_calls.details)
     live = live_versions(spec.name, details)
     if list(live) == [spec.version]:
         print(f"{spec.name} {spec.version} is already live; nothing to roll out", file=sys.stderr)
@@ -318,11 +331,11 @@ def down_command(path: Path | None = None) -> None:
         print(f"no cluster runs {spec.name}")
         return
     cluster.connect(address)
-    removed = serve_calls.remove_apps(spec.name)
+    removed = _cluster_call(lambda: serve_calls.remove_apps(spec.name))
     print(f"removed {', '.join(removed)}" if removed else f"{spec.name} was not deployed")
     local = cluster.local_cluster()
     if local and local.address == address:
-        left = declarative_apps(serve_calls.details())
+        left = declarative_apps(_cluster_call(serve_calls.details))
         if not left:
             import ray
 
