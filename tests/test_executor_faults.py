@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -41,6 +42,27 @@ TERMINAL = ("succeeded", "cancelled", "failed")
 def _cleanup(ray_cluster: RayCluster) -> Iterator[None]:
     yield
     remove(NAME)
+
+
+@pytest.fixture(autouse=True)
+def _no_rollout_left(ray_cluster: RayCluster) -> Iterator[None]:
+    """A test that failed half way leaves no rollout in progress for the next one."""
+    from executor import store
+
+    yield
+    if store.Store(store.default_url()).active(NAME):
+        ray_cluster.cli("down", str(ray_cluster.deploy_file(NAME, "v1")))
+
+
+def deploy(c: RayCluster, path: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`rollout deploy` in the foreground; on a timeout, the assertion shows the history."""
+    try:
+        return c.cli("deploy", str(path), timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        rollout_id = out.splitlines()[0]
+        lines = [f"{x['kind']} {x}" for x in c.history(rollout_id)]
+        raise AssertionError(f"deploy still running after {timeout:g} s:\n" + "\n".join(lines))
 
 
 def under_load(c: RayCluster, run: Callable[[], Any]) -> tuple[Any, list[Answer]]:
@@ -94,7 +116,7 @@ def test_a_crash_looping_candidate_fails_through_its_failed_starts(ray_cluster: 
     policy = {"max_surge_percent": 50, "max_start_failures": 3, "stabilization_time_seconds": 1}
     path = c.deploy_file(NAME, new, model=model, policy=policy, progress_deadline_s=240)
     started = time.monotonic()
-    done, failed = under_load(c, lambda: c.cli("deploy", str(path)))
+    done, failed = under_load(c, lambda: deploy(c, path))
     took = time.monotonic() - started
     assert done.returncode == 1, done.stdout + done.stderr
     rollout_id = done.stdout.splitlines()[0]
@@ -184,7 +206,7 @@ def test_a_hung_health_check_never_turns_ready_and_the_step_fails(
     model = {"import_path": "tests.faulty_model:app", "args": {"version": "v9"}}
     policy = {"max_surge_percent": 50, "stabilization_time_seconds": 1}
     path = c.deploy_file(NAME, "v9", model=model, policy=policy, progress_deadline_s=8)
-    done, failed = under_load(c, lambda: c.cli("deploy", str(path)))
+    done, failed = under_load(c, lambda: deploy(c, path))
     assert done.returncode == 1, done.stdout + done.stderr
     rollout_id = done.stdout.splitlines()[0]
     events = c.history(rollout_id)
