@@ -62,7 +62,8 @@ def deploy(c: RayCluster, path: Path, timeout: float = 120) -> subprocess.Comple
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         rollout_id = out.splitlines()[0]
         lines = [f"{x['kind']} {x}" for x in c.history(rollout_id)]
-        raise AssertionError(f"deploy still running after {timeout:g} s:\n" + "\n".join(lines))
+        why = f"deploy still running after {timeout:g} s:\n" + "\n".join(lines)
+        raise AssertionError(why) from None
 
 
 def under_load(c: RayCluster, run: Callable[[], Any]) -> tuple[Any, list[Answer]]:
