@@ -132,7 +132,7 @@ def _version(
     if gone and mem.targets.get(role, 0) >= mem.live.get(app, 0):
         failed += len(gone)
     unready -= gone
-    status = str(dep.get("status", ""))
+    status = _value(dep.get("status", ""))
     if status in FAILED and mem.serve_failed.get(app) != status:
         failed += plan.spec.rollout_policy().max_start_failures + 1 if status == FAILED[0] else 1
     if status in FAILED:
@@ -152,6 +152,12 @@ def _version(
     pending_gpu = unplaced if per > 0 and snap.free_gpus + 1e-9 < per else 0
     counts = dict(ready=ready, starting=starting, draining=draining, pending_gpu=pending_gpu)
     return c.VersionObservation(**counts, failed_starts=mem.failed_starts.get(role, 0)), counts
+
+
+def _value(status: Any) -> str:
+    """A status as its name: Serve's client hands its details over with enum members (str
+    enums, whose `str()` is `DeploymentStatus.X`), the recorded JSON with plain strings."""
+    return str(getattr(status, "value", status))
 
 
 def _releasing(

@@ -82,6 +82,23 @@ def test_a_crash_looping_candidate_counts_every_failed_start() -> None:
     assert all(s[c.CURRENT].ready == 2 and s[c.CURRENT].failed_starts == 0 for s in seen)
 
 
+def test_serves_own_status_enums_count_as_their_names() -> None:
+    """In the controller, Serve's client hands the details over with enum members, not the
+    strings of the JSON: DEPLOY_FAILED must count all the same."""
+    from ray.serve._private.common import DeploymentStatus, ReplicaState
+
+    snaps = recorded("crash_loop")
+    for snap in snaps:
+        for app in snap.details["applications"].values():
+            for dep in app["deployments"].values():
+                dep["status"] = DeploymentStatus(dep["status"])
+                for r in dep["replicas"]:
+                    r["state"] = ReplicaState(r["state"])
+    plan = plan_for(snaps, "v2")
+    seen = play(plan, snaps, Memory(targets={c.CURRENT: 2, c.CANDIDATE: 1}))
+    assert seen[-1][c.CANDIDATE].failed_starts == 2 + 1 + 3 + 1
+
+
 def test_the_controller_fails_the_crash_looping_step_from_those_counts() -> None:
     snaps = recorded("crash_loop")
     plan = plan_for(snaps, "v2")
