@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -172,6 +173,7 @@ def _run_here(st: store.Store, rollout_id: str, *, resume: bool) -> None:
             state = _follow(status.client(st.url), rollout_id)
             proc.drain()
         except KeyboardInterrupt:
+            logging.getLogger("dbos").setLevel(logging.CRITICAL)  # the cut-off step is no news
             proc.close()  # stops this controller and frees the lease for the next one
             _hand_over(st, rollout_id)
     finally:
@@ -180,9 +182,16 @@ def _run_here(st: store.Store, rollout_id: str, *, resume: bool) -> None:
 
 
 def _hand_over(st: store.Store, rollout_id: str) -> None:
-    """After Ctrl-C: a background controller takes the rollout over; one line says so. The
-    process then ends at once (os._exit), as a killed controller would: whatever step was in
-    flight here is run again by the next controller from its recorded input."""
+    """After Ctrl-C: a background controller takes the rollout over; one line says so. Any
+    further Ctrl-C from here on (within `CANCEL_WINDOW_S` of that line) cancels the rollout.
+    The process then ends at once (os._exit), as a killed controller would: whatever step was
+    in flight here is run again by the next controller from its recorded input."""
+    import signal
+    import threading
+
+    again = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: again.set())
+    logging.getLogger("dbos").setLevel(logging.CRITICAL)  # the step cut off here is no news
     pid, log = _spawn(st, rollout_id, "recover")
     print(
         f"interrupted: rollout {rollout_id} continues in a background controller (pid {pid}, "
@@ -191,13 +200,10 @@ def _hand_over(st: store.Store, rollout_id: str) -> None:
         file=sys.stderr,
         flush=True,
     )
-    code = 130
-    try:
-        time.sleep(CANCEL_WINDOW_S)
-    except KeyboardInterrupt:
+    if again.wait(CANCEL_WINDOW_S):
         print(rollouts.find(rollout_id).send(c.Control.CANCEL), file=sys.stderr, flush=True)
     sys.stdout.flush()
-    os._exit(code)
+    os._exit(130)
 
 
 def _follow(db: object, rollout_id: str) -> str:

@@ -26,7 +26,7 @@ DETAILS_TIMEOUT_S = 10.0  # Serve's controller assembling its details
 DEPLOY_TIMEOUT_S = 20.0  # Serve's controller validating and storing a whole config
 LOCK_WAIT_S = 30.0  # waiting for another writer of the cluster's config
 LOCK_TTL_S = 40.0  # a writer that died holding the lock blocks the others this long
-GCS_TIMEOUT_S = 10.0  # resource counts, actor look-ups
+GCS_TIMEOUT_S = 30.0  # resource counts, actor look-ups (slow on a loaded 2-core machine)
 
 
 def _failure(what: str, e: BaseException) -> BackendError:
