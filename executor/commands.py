@@ -12,8 +12,10 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -173,25 +175,21 @@ def _run_here(st: store.Store, rollout_id: str, *, resume: bool) -> None:
             state = _follow(status.client(st.url), rollout_id)
             proc.drain()
         except KeyboardInterrupt:
+            again = threading.Event()  # a further Ctrl-C from now on cancels the rollout
+            signal.signal(signal.SIGINT, lambda *_: again.set())
             logging.getLogger("dbos").setLevel(logging.CRITICAL)  # the cut-off step is no news
             proc.close()  # stops this controller and frees the lease for the next one
-            _hand_over(st, rollout_id)
+            _hand_over(st, rollout_id, again)
     finally:
         proc.close()
     _finish(rollout_id, state)
 
 
-def _hand_over(st: store.Store, rollout_id: str) -> None:
+def _hand_over(st: store.Store, rollout_id: str, again: threading.Event) -> None:
     """After Ctrl-C: a background controller takes the rollout over; one line says so. Any
-    further Ctrl-C from here on (within `CANCEL_WINDOW_S` of that line) cancels the rollout.
+    further Ctrl-C (`again`, up to `CANCEL_WINDOW_S` after that line) cancels the rollout.
     The process then ends at once (os._exit), as a killed controller would: whatever step was
     in flight here is run again by the next controller from its recorded input."""
-    import signal
-    import threading
-
-    again = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: again.set())
-    logging.getLogger("dbos").setLevel(logging.CRITICAL)  # the step cut off here is no news
     pid, log = _spawn(st, rollout_id, "recover")
     print(
         f"interrupted: rollout {rollout_id} continues in a background controller (pid {pid}, "
