@@ -67,15 +67,20 @@ def deploy(c: RayCluster, path: Path, timeout: float = 120) -> subprocess.Comple
 
 
 def under_load(c: RayCluster, run: Callable[[], Any]) -> tuple[Any, list[Answer]]:
-    """`run()` while THREADS threads send requests to the model's router; the failed ones."""
+    """`run()` while THREADS threads send requests to the model's router; the failed ones
+    (printed with the total, for `pytest -rP` to show what was measured)."""
     load = Load(c.url(NAME), threads=THREADS, pause_s=0.04, max_seconds=240).start()
+    started = time.monotonic()
     try:
         wait_for(lambda: len(load.answers) > 20, 30, what="the load to get answers")
         got = run()
         time.sleep(1.0)
     finally:
         answers = load.stop()
-    return got, [a for a in answers if a.version is None]
+    failed = [a for a in answers if a.version is None]
+    took = time.monotonic() - started
+    print(f"measured: {len(failed)} of {len(answers)} requests failed over {took:.0f} s")
+    return got, failed
 
 
 def ended(c: RayCluster, rollout_id: str, timeout: float = 120) -> dict[str, Any]:
@@ -125,6 +130,7 @@ def test_a_crash_looping_candidate_fails_through_its_failed_starts(ray_cluster: 
     end = finished(c.history(rollout_id))
     assert end["outcome"] == "failed" and "failed to start" in end["reason"], end
     assert took < 60, f"took {took:.0f} s: failed starts were not counted"
+    print(f"measured: failed after {took:.0f} s: {end['reason']}")
     assert not failed, f"{len(failed)} requests failed: {failed[:3]}"
     serving_only(old, new)
 
@@ -188,6 +194,7 @@ def test_serves_controller_killed_mid_rollout_never_leaves_it_split(
     rollout_id, failed = under_load(c, run)
     events = c.history(rollout_id)
     outcome = finished(events)["outcome"]
+    print(f"measured: the rollout {outcome}: {finished(events)['reason']}")
     assert c.status(rollout_id)["state"] == outcome
     if outcome == "succeeded":
         serving_only(new, old)
