@@ -15,10 +15,11 @@ from dbos import DBOSClient
 from executor import store
 from rollout import history as h
 
-HISTORY_STEPS = ("begin_step", "iterate_step")
+HISTORY_STEPS = ("begin_step", "iterate_step", "finish_step")
 CONTROL_TOPIC = "control"  # DBOS message topic the workflow receives controls on
 STATUS_KEY = "status"  # DBOS event the workflow publishes its status under
 ACTIVE = ("PENDING", "ENQUEUED")
+RESUMABLE = (*ACTIVE, "ERROR")  # ERROR: the workflow raised; `rollout recover` resumes it
 TERMINAL = ("succeeded", "cancelled", "failed")
 
 
@@ -65,8 +66,6 @@ def read_status(db: DBOSClient, rec: store.Record, lease: store.Lease) -> dict[s
         status["state"] = rec.outcome  # e.g. taken down by `rollout down`
     elif wf == "CANCELLED" and status["state"] not in TERMINAL:
         status["state"] = "cancelled"
-    elif wf == "ERROR" and status["state"] not in TERMINAL:
-        status["state"] = "failed"
     status["controller"] = {
         "workflow": wf,
         "executor": executor,

@@ -106,7 +106,8 @@ def rollout_cli(c: RayCluster, cwd: Path, *args: str) -> subprocess.CompletedPro
 def deploy_direct(folder: Path) -> None:
     """The same app, version v1, as a plain Serve app at /direct-echo (beside rollout's)."""
     from executor import cluster
-    from executor.serve_backend import config_lock, declarative_apps, deploy_config
+    from executor.serve_calls import config_lock, deploy
+    from executor.serve_config import declarative_apps
 
     with config_lock():
         apps = declarative_apps(cluster.serve_client().get_serve_details())
@@ -119,7 +120,7 @@ def deploy_direct(folder: Path) -> None:
             "deployments": [{"name": "Echo", "num_replicas": 1,
                              "ray_actor_options": {"num_cpus": 0.1}}],
         }  # fmt: skip
-        deploy_config(apps)
+        deploy(apps)
 
 
 @pytest.fixture(scope="module")
