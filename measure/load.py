@@ -291,7 +291,10 @@ def _pct(values: pd.Series, q: float) -> float | None:
 
 
 def summarize(requests: pd.DataFrame, lag: np.ndarray, **extra: Any) -> dict[str, Any]:
-    """What the command prints and writes to summary.json."""
+    """What the command prints and writes to summary.json. Requests an interrupted replay never
+    sent are counted apart (`not_sent`), not as failures of the server."""
+    not_sent = int(requests["start_s"].isna().sum())
+    requests = requests[requests["start_s"].notna()]
     ok = requests[~requests["dropped"]]
 
     def stats(df: pd.DataFrame) -> dict[str, Any]:
@@ -315,6 +318,7 @@ def summarize(requests: pd.DataFrame, lag: np.ndarray, **extra: Any) -> dict[str
     return {
         **stats(requests),
         "sent": sent,
+        "not_sent": not_sent,
         "send_lag_p50_s": float(np.quantile(lags, 0.5)) if len(lags) else None,
         "send_lag_p99_s": float(np.quantile(lags, 0.99)) if len(lags) else None,
         "send_lag_max_s": float(lags.max()) if len(lags) else None,
@@ -330,11 +334,13 @@ def _ms(x: float | None) -> str:
 
 
 def format_summary(s: dict[str, Any]) -> str:
+    counts = f"sent {s['sent']}, answered {s['answered']}, failed {s['failed']}"
+    if s.get("not_sent"):
+        counts += f", not sent {s['not_sent']} (interrupted)"
+    if s["send_lag_p99_s"] is not None:
+        counts += f"; send lag p99 {s['send_lag_p99_s'] * 1000:.1f} ms"
     lines = [
-        f"sent {s['sent']}, answered {s['answered']}, failed {s['failed']}; "
-        f"send lag p99 {s['send_lag_p99_s'] * 1000:.1f} ms"
-        if s["send_lag_p99_s"] is not None
-        else f"sent {s['sent']}, answered {s['answered']}, failed {s['failed']}",
+        counts,
         f"{'':<10}{'requests':>9}{'failed':>8}{'latency p50':>13}{'p99':>9}"
         f"{'TTFT p50':>10}{'p99':>9}",
     ]

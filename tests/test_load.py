@@ -245,3 +245,6 @@ def test_an_interrupted_replay_keeps_what_it_measured(server: Server, tmp_path: 
     errors = df["error"].value_counts()
     assert errors["not sent"] > 10 and errors["interrupted before the answer ended"] > 5
     assert df.loc[df["error"] == "not sent", "start_s"].isna().all()
+    summary = json.loads((out / "summary.json").read_text())  # unsent requests are not failures
+    assert summary["not_sent"] == errors["not sent"] and summary["sent"] == 40 - errors["not sent"]
+    assert summary["failed"] == errors["interrupted before the answer ended"]

@@ -13,6 +13,7 @@ import asyncio
 import json
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -451,13 +452,14 @@ def test_llm_speaks_openai(ray_cluster: RayCluster, llm: Path) -> None:
 
 
 def test_llm_rollout_under_trace_replay(ray_cluster: RayCluster, llm: Path) -> None:
-    """`rollout load` replays 120 s of the Azure code trace (from minute 4, about 430 requests)
-    2× sped up while v1 → v2 rolls."""
+    """`rollout load` replays the Azure code trace from minute 4 (about 3.6 requests/s) 2× sped
+    up while v1 → v2 rolls, and is interrupted 8 s after the rollout succeeded: however long the
+    rollout takes on a busy machine, the replay outlasts it."""
     c = ray_cluster
     out = llm / "replay"
     trace = REPO / "data" / "traces" / "azure_llm_2023_code.csv"
     replay = c.popen("load", str(trace), "--url", f"http://127.0.0.1:{c.port}/{LLM}",
-                     "--time-scale", "2", "--start-s", "240", "--duration-s", "120",
+                     "--time-scale", "2", "--start-s", "240", "--duration-s", "900",
                      "--out", str(out))  # fmt: skip
     # deploy v2 once the replay is sending (its start on a busy machine takes seconds)
     assert replay.stderr is not None
@@ -474,19 +476,27 @@ def test_llm_rollout_under_trace_replay(ray_cluster: RayCluster, llm: Path) -> N
     done = c.cli("deploy", str(llm_file(c, llm, "v2")))
     assert done.returncode == 0, done.stdout + done.stderr
     rolled_at = time.time()  # the rollout has succeeded: v2 alone serves from here on
-    stdout, stderr = replay.communicate(timeout=150)
-    assert replay.returncode == 0, stdout + announced + stderr
+    time.sleep(8)  # load after the rollout, about 55 requests
+    assert replay.poll() is None, "the replay ended before the rollout did"
+    replay.send_signal(signal.SIGINT)  # `rollout load` keeps what it measured
+    stdout, stderr = replay.communicate(timeout=120)
+    assert replay.returncode == 130, stdout + announced + stderr
     df = pd.read_parquet(out / "requests.parquet")
-    assert len(df) > 250
+    error = df["error"].fillna("")
+    df = df[error != "not sent"]
+    cut = error[df.index] == "interrupted before the answer ended"  # in flight at the interruption
+    assert cut.sum() < 40, cut.sum()
+    df = df[~cut]
+    assert len(df) > 100
     assert not df["dropped"].any(), df[df["dropped"]][["status", "error"]].head()
     assert df["version"].notna().all()
     by_start = df.sort_values("start_s")["version"].tolist()
     assert by_start[0] == "v1"
     summary = json.loads((out / "summary.json").read_text())
     after = df[df["start_s"] + summary["started_at"] > rolled_at + 0.5]["version"]
-    assert len(after) > 0 and (after == "v2").all(), after.value_counts()
+    assert len(after) > 10 and (after == "v2").all(), after.value_counts()
     assert (df["ttft_s"] > 0).all() and (df["latency_s"] >= df["ttft_s"]).all()
-    assert summary["failed"] == 0 and set(summary["versions"]) == {"v1", "v2"}
+    assert summary["failed"] == cut.sum() and set(summary["versions"]) == {"v1", "v2"}
     # open loop even on 2 cores shared with the cluster: a closed loop would lag by seconds
     # (the generator's own capacity is measured by benchmarks/load_capacity.py)
     assert summary["send_lag_p99_s"] < 1.0
