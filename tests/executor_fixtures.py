@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,13 +136,20 @@ def wait_for(fn: Callable[[], Any], timeout: float = 60, every: float = 0.4, wha
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
     """A local cluster with logical GPUs started the way `rollout deploy` starts it."""
+    with local_ray(tmp_path_factory.mktemp("executor"), num_gpus=GPUS) as c:
+        yield c
+
+
+@contextmanager
+def local_ray(tmp: Path, num_gpus: int) -> Iterator[RayCluster]:
+    """`rollout`'s local cluster with `num_gpus` logical GPUs on its head node, Serve's HTTP
+    proxy on a free port, and this process connected as a driver."""
     import ray
     from ray import serve
     from ray._private import ray_constants
 
     from executor import auth, cluster
 
-    tmp = tmp_path_factory.mktemp("executor")
     home = tmp / "home"
     # starting and joining the cluster sets Ray's authentication variables in this process
     keys = ("ROLLOUT_HOME", "ROLLOUT_TICK_S", auth.MODE, auth.TOKEN, auth.TOKEN_PATH)
@@ -152,7 +160,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
     cwd = os.getcwd()
     os.chdir(REPO)  # the cluster's workers import the example model from here
     try:
-        info = cluster.start_local(num_gpus=GPUS, num_cpus=16)
+        info = cluster.start_local(num_gpus=num_gpus, num_cpus=16)
     finally:
         os.chdir(cwd)
     port = free_port()
