@@ -226,10 +226,24 @@ def test_a_hung_health_check_never_turns_ready_and_the_step_fails(
     serving_only(old, "v9")
 
 
+def mark_error(c: RayCluster, rollout_id: str) -> None:
+    """Record the rollout's workflow as DBOS does when the workflow's body raises."""
+    import sqlite3
+
+    with sqlite3.connect(c.home / "rollout.sqlite") as db:
+        changed = db.execute(
+            "UPDATE workflow_status SET status = 'ERROR', error = ? "
+            "WHERE workflow_uuid = ? AND status = 'PENDING'",
+            ("RuntimeError: injected by the test", rollout_id),
+        ).rowcount
+    assert changed == 1
+
+
 def test_controller_killed_again_and_again_then_recovered(ray_cluster: RayCluster) -> None:
     """SIGKILL the controller at three moments of one rollout (a step starting its candidates,
     a stabilization window, the last step), `rollout recover` after each: it succeeds, the
-    history has no gap or repeat, and nothing is left over."""
+    history has no gap or repeat, and nothing is left over. After the second kill the workflow
+    is also marked as one whose body raised (DBOS's ERROR), which `recover` resumes as well."""
     c = ray_cluster
     old = ensure_live(c, NAME)
     new = other(old)
@@ -257,6 +271,8 @@ def test_controller_killed_again_and_again_then_recovered(ray_cluster: RayCluste
             os.kill(pids[-1], signal.SIGKILL)
             wait_for(lambda: not c.peek(rollout_id)["controller"]["running"], 10, what="death")
             histories.append(c.history(rollout_id))
+            if at is moments[1]:  # as if its body had raised: `recover` resumes ERROR too
+                mark_error(c, rollout_id)
             if at is not moments[-1]:  # the next controller, killed at the next moment
                 controllers.append(c.popen("recover", str(path)))
         done = c.cli("recover", str(path))
