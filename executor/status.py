@@ -119,6 +119,11 @@ def format_status(s: dict[str, Any]) -> str:
         f"  step {s['step']} of {s.get('steps', '?')}, stage {s.get('stage', '?')}, "
         f"weight on {s['to_version']} {s['candidate_weight']:.2f}",
     ]
+    if "session_weight" in s:
+        lines.append(f"  sticky sessions: {s['session_weight']:.2f} of them on {s['to_version']}")
+    for version, share in s.get("split", {}).items():
+        got = ", ".join(f"{share[k]:.0%} of {k}" for k in ("requests", "sessions") if k in share)
+        lines.append(f"  {version} took {got} (the router's window)")
     for version, n in s.get("replicas", {}).items():
         counts = ", ".join(f"{k} {v}" for k, v in n.items())
         lines.append(f"  {version}: {counts}")
