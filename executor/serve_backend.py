@@ -65,12 +65,12 @@ class ServeBackend:
         snap = Snapshot(time.time(), details, free, total)
         seen, self.counts = observation.observe(self.plan, mem, snap, passed)
         guard, sticky = self.plan.spec.policy.guard, self.plan.spec.routing.sticky
-        snap = router_link.snapshot(self.plan) if guard or sticky else {}
+        routed = router_link.snapshot(self.plan) if guard or sticky else {}
         if guard is not None:  # the metric guard's window, per role
-            traffic = router_link.traffic(self.plan, snap)
+            traffic = router_link.traffic(self.plan, routed)
             seen = {role: replace(v, traffic=traffic[role]) for role, v in seen.items()}
         if sticky is not None:  # for `rollout status`: how the split really goes
-            self.split = router_link.split(snap)
+            self.split = router_link.split(routed)
         desired = self._desired(mem, snap.time)
         self.mem = mem
         return c.Observation(

@@ -606,6 +606,7 @@ def test_sticky_sessions_move_only_forward_and_back_on_cancel(ray_cluster: RayCl
     assert first.returncode == 0, first.stdout + first.stderr
     with SessionLoad(c.url(STICKY)) as load:
         wait_for(lambda: load.all_sent_after(0), 60, what="every session's first turn")
+        began = time.time()
         done = c.cli("deploy", str(sticky_file(c, "v2")))
         assert done.returncode == 0, done.stdout + done.stderr
         rolled_at = time.time()
@@ -615,14 +616,21 @@ def test_sticky_sessions_move_only_forward_and_back_on_cancel(ray_cluster: RayCl
         forward = [x for x in load.turns if x.sent < rolled_at + 0.5]
         status = c.status(rid)
         steps = judge_steps(forward, weight_steps(c.history(rid)), "v2", settle_s=1.0)
+        print(f"\nsticky v1 → v2 in {rolled_at - began:.1f} s, {len(forward)} requests; per "
+              "step: weight, requests, share the hash assigns v2, share v2 answered")  # fmt: skip
+        for w, n, assigned, realised in steps:
+            print(f"  {w:.2f}  {n:4d}  {assigned:.3f}  {realised:.3f}")
 
         # the cancel: v2 → v1, cancelled once half the sessions are on v1
+        second_at = time.time()
         rid2 = c.deploy_detached(sticky_file(c, "v1"))
         wait_for(lambda: c.peek(rid2).get("candidate_weight", 0) >= 0.5, 90, what="weight 0.5")
         cancel_from = time.time()
         assert c.cli("cancel", rid2).returncode == 0
         wait_for(lambda: c.peek(rid2)["state"] == "cancelled", 90, what="the cancel")
         cancelled_at = time.time()
+        print(f"v2 → v1 to weight 0.5 in {cancel_from - second_at:.1f} s, cancelled in "
+              f"{cancelled_at - cancel_from:.1f} s")  # fmt: skip
         wait_for(lambda: load.all_sent_after(cancelled_at + 0.5), 60, what="a turn after it")
     assert all(x.status == 200 for x in load.turns), [x for x in load.turns if x.status != 200][:3]
 
@@ -631,13 +639,9 @@ def test_sticky_sessions_move_only_forward_and_back_on_cancel(ray_cluster: RayCl
     went_back = [k for k, s in seq.items() if s not in (["v1"], ["v1", "v2"], ["v2"])]
     assert not went_back, {k: seq[k] for k in went_back[:5]}
     last = {x.key: x.version for x in sorted(forward, key=lambda x: x.sent)}
-    after = {x.version for x in load.turns if rolled_at + 0.5 < x.sent < cancel_from}
+    after = {x.version for x in load.turns if rolled_at + 0.5 < x.sent < second_at}
     assert after == {"v2"} and set(last) == set(SESSIONS)
     assert sum(1 for k in SESSIONS if seq[k] == ["v1", "v2"]) > 150  # most met both
-    print(f"\nsticky v1 → v2, {len(forward)} requests; per step: weight, requests, "
-          "share the hash assigns v2, share v2 answered")  # fmt: skip
-    for w, n, assigned, realised in steps:
-        print(f"  {w:.2f}  {n:4d}  {assigned:.3f}  {realised:.3f}")
     assert len(steps) >= 3 and steps[-1][0] == 1.0
     for w, _, assigned, realised in steps:
         assert realised == assigned  # every settled request went where its session belongs
