@@ -76,6 +76,9 @@ BAD = [
     (with_(store="mysql://db/rollout"), "store"),
     (with_(http={"port": 70000}), "http.port"),
     (with_(autoscaling={"min_replicas": 1, "max_replicas": 2}), "within autoscaling"),
+    (with_(routing={"sticky": {"header": "X Session"}}), "HTTP header name in lowercase"),
+    (with_(routing={"sticky": {"header": None}}), "needs a header or a cookie"),
+    (with_(routing={"sticky": {"cookie": "a;b"}}), "must be a cookie name"),
     ("name: [unclosed", "not valid YAML"),
     ("- a\n- list\n", "must be a YAML mapping"),
 ]
