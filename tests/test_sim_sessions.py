@@ -15,16 +15,18 @@ spread of a request-by-request split, w(1 − w)/(RATE·D), times 2M − 1.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
 from rollout.errors import InputError
-from rollout.scenario import Scenario
+from rollout.scenario import Scenario, SweepGrid
 from rollout.traces import load_trace
 from sim.api import simulate
 from sim.result import split_steps
+from sim.sweep import run_sweep, write_sweep
 
 RATE = 20.0  # requests per second
 M = 5.0  # turns per session (mean)
@@ -135,3 +137,19 @@ def test_sticky_routing_needs_sessions() -> None:
     )
     with pytest.raises(InputError, match=r"routing\.sticky needs sessions"):
         simulate(s)
+
+
+def test_the_sweep_report_says_how_far_the_split_strays(tmp_path: Path) -> None:
+    s = scenario().model_copy(
+        update={"sweep": SweepGrid(max_surge_percent=[25, 50], stabilization_time_seconds=[60])}
+    )
+    result = run_sweep(s, workers=1)
+    write_sweep(result, tmp_path, timelines=False)
+    report = (tmp_path / "report.md").read_text()
+    assert "## Sticky sessions: the realised split" in report
+    for _, p in result.policies.iterrows():
+        row = f"| {p['policy']} | {p['split_lag_pp']:+.2f} | {p['split_off_pp']:.2f} |"
+        assert row in report
+        assert 0 < p["split_off_pp"] < 5  # a few hundred sessions per step: a few points
+    worst = result.policies["split_off_pp"].max()
+    assert f"by at most {worst:.1f} percentage points" in report
