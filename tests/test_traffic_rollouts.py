@@ -588,6 +588,15 @@ def judge_steps(
     return out
 
 
+def history(rollout_id: str) -> list[dict[str, Any]]:
+    """`rollout history ID --json`, read in this process (a CLI call costs seconds here)."""
+    from executor import status, store
+
+    st, _ = store.find(rollout_id)
+    events, _ = status.read_history(status.client(st.url), rollout_id)
+    return [e.model_dump(mode="json") for e in events]
+
+
 def moves(turns: list[Turn]) -> dict[str, list[str]]:
     """Each session's versions in the order its turns were sent, repeats collapsed."""
     seq: dict[str, list[str]] = {}
@@ -600,7 +609,7 @@ def moves(turns: list[Turn]) -> dict[str, list[str]]:
 
 def test_sticky_sessions_move_only_forward_and_back_on_cancel(ray_cluster: RayCluster) -> None:
     """200 session keys under load: v1 → v2 moves each session once, forward, with the weight;
-    then a rollout v2 → v1 cancelled half way moves every session back to v2."""
+    then a rollout v2 → v1 cancelled after its first step moves every session back to v2."""
     c = ray_cluster
     first = c.cli("deploy", str(sticky_file(c, "v1")))
     assert first.returncode == 0, first.stdout + first.stderr
@@ -614,22 +623,22 @@ def test_sticky_sessions_move_only_forward_and_back_on_cancel(ray_cluster: RayCl
         wait_for(lambda: load.all_sent_after(rolled_at + 0.5), 60, what="a turn after it")
 
         forward = [x for x in load.turns if x.sent < rolled_at + 0.5]
-        status = c.status(rid)
-        steps = judge_steps(forward, weight_steps(c.history(rid)), "v2", settle_s=1.0)
+        status = c.peek(rid)
+        steps = judge_steps(forward, weight_steps(history(rid)), "v2", settle_s=1.0)
         print(f"\nsticky v1 → v2 in {rolled_at - began:.1f} s, {len(forward)} requests; per "
               "step: weight, requests, share the hash assigns v2, share v2 answered")  # fmt: skip
         for w, n, assigned, realised in steps:
             print(f"  {w:.2f}  {n:4d}  {assigned:.3f}  {realised:.3f}")
 
-        # the cancel: v2 → v1, cancelled once half the sessions are on v1
+        # the cancel: v2 → v1, cancelled once a quarter of the sessions are on v1
         second_at = time.time()
         rid2 = c.deploy_detached(sticky_file(c, "v1"))
-        wait_for(lambda: c.peek(rid2).get("candidate_weight", 0) >= 0.5, 90, what="weight 0.5")
+        wait_for(lambda: c.peek(rid2).get("candidate_weight", 0) > 0, 90, what="a step")
         cancel_from = time.time()
         assert c.cli("cancel", rid2).returncode == 0
         wait_for(lambda: c.peek(rid2)["state"] == "cancelled", 90, what="the cancel")
         cancelled_at = time.time()
-        print(f"v2 → v1 to weight 0.5 in {cancel_from - second_at:.1f} s, cancelled in "
+        print(f"v2 → v1 to its first step in {cancel_from - second_at:.1f} s, cancelled in "
               f"{cancelled_at - cancel_from:.1f} s")  # fmt: skip
         wait_for(lambda: load.all_sent_after(cancelled_at + 0.5), 60, what="a turn after it")
     assert all(x.status == 200 for x in load.turns), [x for x in load.turns if x.status != 200][:3]
@@ -650,7 +659,7 @@ def test_sticky_sessions_move_only_forward_and_back_on_cancel(ray_cluster: RayCl
 
     # the cancel: sessions met v1 (the candidate), then every one went back to v2 and stayed
     during = [x for x in load.turns if cancel_from - 5 < x.sent < cancelled_at]
-    assert sum(x.version == "v1" for x in during) > 0.2 * len(during)
+    assert sum(x.version == "v1" for x in during) > 0.1 * len(during)
     back = moves([x for x in load.turns if x.sent > cancel_from + 1.0])
     assert all(s in (["v1", "v2"], ["v2"]) for s in back.values()), back
     assert {x.version for x in load.turns if x.sent > cancelled_at + 0.5} == {"v2"}
