@@ -151,7 +151,7 @@ def _binned_percentiles(
 def _share_dots(ax: Axes, requests: pd.DataFrame, span: float) -> None:
     """The candidate's realised share of the requests that arrived in each bin, beside the
     weight line (sticky sessions make it stray; see sim/result.py `split_steps`)."""
-    width = next((w for w in _BIN_WIDTHS if w >= span / 60.0), _BIN_WIDTHS[-1])
+    width = next((w for w in _BIN_WIDTHS if w >= span / 120.0), _BIN_WIDTHS[-1])
     arrival = requests["arrival_s"].to_numpy()
     if not len(arrival):
         return

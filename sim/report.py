@@ -403,7 +403,8 @@ def _split_lines(r: ReportInputs) -> list[str]:
         f"from the weight: by at most {_num(worst, '.1f')} percentage points here (the worst "
         "step of the worst run). *Lag* is the request-weighted mean of weight − share over the "
         "rollout's steps (mean over runs; positive: the split lags the weight); *off* the "
-        "largest |weight − share| of a step (worst run).",
+        "largest |weight − share| of a step (worst run); – where no step split traffic (the "
+        "weight went from 0 to 1 at once).",
         "",
         "| policy | lag pp (mean) | off pp (worst) |",
         "|---|---:|---:|",
