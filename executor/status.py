@@ -121,9 +121,10 @@ def format_status(s: dict[str, Any]) -> str:
     ]
     if "session_weight" in s:
         lines.append(f"  sticky sessions: {s['session_weight']:.2f} of them on {s['to_version']}")
+    what = {"requests": "of the window's requests", "sessions": "of the active sessions"}
     for version, share in s.get("split", {}).items():
-        got = ", ".join(f"{share[k]:.0%} of {k}" for k in ("requests", "sessions") if k in share)
-        lines.append(f"  {version} took {got} (the router's window)")
+        got = ", ".join(f"{share[k]:.0%} {what[k]}" for k in what if k in share)
+        lines.append(f"  {version}: {got}")
     for version, n in s.get("replicas", {}).items():
         counts = ", ".join(f"{k} {v}" for k, v in n.items())
         lines.append(f"  {version}: {counts}")
