@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from rollout.errors import InputError
-from rollout.scenario import Scenario, SweepGrid
+from rollout.scenario import Scenario, SweepGrid, load_scenario
 from rollout.traces import load_trace
 from sim.api import simulate
 from sim.result import split_steps
@@ -153,3 +153,9 @@ def test_the_sweep_report_says_how_far_the_split_strays(tmp_path: Path) -> None:
         assert 0 < p["split_off_pp"] < 5  # a few hundred sessions per step: a few points
     worst = result.policies["split_off_pp"].max()
     assert f"by at most {worst:.1f} percentage points" in report
+
+
+def test_the_bundled_sticky_scenario_loads_with_sessions() -> None:
+    s = load_scenario(Path(__file__).parent.parent / "scenarios" / "sessions-sticky.yaml")
+    assert s.routing.sticky and s.trace.synthetic is not None
+    assert s.trace.synthetic.process == "sessions"
