@@ -27,6 +27,7 @@ class Write:
 
     targets: dict[str, int]
     weight: float
+    session_weight: float  # the candidate's share of sticky sessions (rollout/sticky.py)
     confirm: bool  # wait until every router replica routes by this write's weight
     applied: tuple[str, ...]  # the actions it completes, as `action_applied` names them
 
@@ -36,33 +37,38 @@ class Order:
     writes: tuple[Write, ...]
     targets: dict[str, int]  # what the backend has applied once every write is done
     weight: float
+    session_weight: float
     finished: tuple[str, ...]  # outcomes of Finish actions, reported last
 
 
-def order(targets: dict[str, int], weight: float, actions: Sequence[c.Action]) -> Order:
-    """The writes that apply `actions` on top of the applied `targets` and `weight`."""
+def order(
+    targets: dict[str, int], weight: float, session_weight: float, actions: Sequence[c.Action]
+) -> Order:
+    """The writes that apply `actions` on top of the applied `targets` and weights."""
     old = {role: targets.get(role, 0) for role in ROLES}
     new = dict(old)
-    new_weight = weight
+    new_weight, new_sessions = weight, session_weight
     finished: list[str] = []
     for a in actions:
         if isinstance(a, c.ScaleTo):
             new[a.version] = a.replicas
         elif isinstance(a, c.SetWeight):
-            new_weight = a.candidate_weight
+            new_weight, new_sessions = a.candidate_weight, a.session_weight
         elif isinstance(a, c.Finish):
             finished.append(a.outcome.value)
     ups = sorted(r for r in ROLES if new[r] > old[r])
     downs = sorted(r for r in ROLES if new[r] < old[r])
-    shifted = new_weight != weight
+    shifted = new_weight != weight or new_sessions != session_weight
     writes = []
     if shifted or ups or downs:
         first = {r: (new[r] if r in ups else old[r]) for r in ROLES}
-        names = ([f"weight {new_weight:.4f}"] if shifted else []) + [
-            f"scale {r} to {new[r]}" for r in ups
-        ]
-        writes.append(Write(first, new_weight, shifted or bool(downs), tuple(names)))
+        what = f"weight {new_weight:.4f}"
+        if new_sessions != new_weight:
+            what += f", sessions {new_sessions:.4f}"
+        names = ([what] if shifted else []) + [f"scale {r} to {new[r]}" for r in ups]
+        confirm = shifted or bool(downs)
+        writes.append(Write(first, new_weight, new_sessions, confirm, tuple(names)))
     if downs or finished:
         names = [f"scale {r} to {new[r]}" for r in downs]
-        writes.append(Write(dict(new), new_weight, False, tuple(names)))
-    return Order(tuple(writes), new, new_weight, tuple(finished))
+        writes.append(Write(dict(new), new_weight, new_sessions, False, tuple(names)))
+    return Order(tuple(writes), new, new_weight, new_sessions, tuple(finished))

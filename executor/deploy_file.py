@@ -93,6 +93,44 @@ class RouterSpec(_Strict):
     metrics_window_s: float = Field(60.0, gt=0, le=300)  # the per-version metrics' window
 
 
+HEADER = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]{1,64}$")  # an HTTP field name, lowercase
+COOKIE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")  # a cookie name (RFC 6265 token)
+
+
+class StickySpec(_Strict):
+    """Sticky sessions during a rollout (docs/executor.md, Sticky sessions): the session key is
+    the request's `header`, else its `cookie`; `max_age_s` without a request ends a session
+    for the router's session counts (the assignment itself needs no memory)."""
+
+    header: str | None = "x-session-id"
+    cookie: str | None = None
+    max_age_s: float = Field(3600.0, gt=0, le=7 * 86400)
+
+    @field_validator("header")
+    @classmethod
+    def _header(cls, v: str | None) -> str | None:
+        if v is not None and not HEADER.match(v):
+            raise ValueError("must be an HTTP header name in lowercase (letters, digits, '-')")
+        return v
+
+    @field_validator("cookie")
+    @classmethod
+    def _cookie(cls, v: str | None) -> str | None:
+        if v is not None and not COOKIE.match(v):
+            raise ValueError("must be a cookie name (letters, digits, '-', '_', '.')")
+        return v
+
+    @model_validator(mode="after")
+    def _a_key(self) -> StickySpec:
+        if self.header is None and self.cookie is None:
+            raise ValueError("needs a header or a cookie to read the session key from")
+        return self
+
+
+class RoutingSpec(_Strict):
+    sticky: StickySpec | None = None  # null: every request is routed by the weight alone
+
+
 class DeploySpec(_Strict):
     name: str
     version: str
@@ -105,6 +143,7 @@ class DeploySpec(_Strict):
     cluster: ClusterSpec = ClusterSpec()
     http: HttpSpec = HttpSpec()
     router: RouterSpec = RouterSpec()
+    routing: RoutingSpec = RoutingSpec()
     store: str | None = None  # null: SQLite under .rollout/; or a postgresql:// URL
 
     @field_validator("name")

@@ -68,6 +68,7 @@ class Memory(BaseModel):
     failed_starts: dict[str, int] = {}  # role → cumulative failed starts
     targets: dict[str, int] = {}  # role → replicas last applied
     weight: float = 0.0  # candidate weight last applied
+    session_weight: float = 0.0  # the candidate's share of sticky sessions last applied
     autoscaler: dict[str, Any] | None = None  # `Autoscaler.to_dict()`
 
 

@@ -14,6 +14,8 @@ Ray streaming call, not another trip through Serve's proxy. A client that goes a
 the version's request. Every answer carries `x-rollout-version`; with no version taking traffic
 the router answers 503 with a JSON error itself. Request bodies are read whole before
 forwarding (no streamed uploads), and websockets are refused (see docs/executor.md, Limits).
+With sticky sessions on, a request carrying a session key goes to its session's version
+(executor/routing.py), decided from the key and the config alone, so every replica agrees.
 
 This relies on two Serve internals that Serve's proxy itself uses: a handle whose source is the
 proxy (so Serve treats the call as an HTTP request) and `StreamingHTTPRequest`.
@@ -121,7 +123,9 @@ class Router:
         return _Asgi(self)
 
     async def reconfigure(self, config: dict[str, Any]) -> None:
-        """`{"stamp": n, "routes": [{"version", "app", "deployment", "weight"}, ...]}`."""
+        """`{"stamp": n, "routes": [{"version", "app", "deployment", "weight"}, ...],
+        "window_s": s, "sessions": null | {"header", "cookie", "max_age_s", "candidate",
+        "weight"}}`."""
         table = RouteTable.from_config(config)
         for r in table.routes:
             if r.app not in self.handles:
@@ -146,10 +150,14 @@ class Router:
         if scope["type"] != "http":
             await send({"type": "websocket.close", "code": 1003})
             return
-        route = self.table.pick(random.random())
+        table = self.table
+        key = table.sticky.key(scope.get("headers", [])) if table.sticky else None
+        route = table.pick(random.random()) if key is None else table.pick_session(key)
         if route is None:
             await _answer(send, 503, {"error": "no version is ready to serve"})
             return
+        if key is not None and table.sticky is not None:
+            self.window.session(key, route.version, time.time(), table.sticky.max_age_s)
         await self._forward(route, scope, receive, send)
 
     async def _forward(self, route: Route, scope: dict[str, Any], receive: Any, send: Any) -> None:

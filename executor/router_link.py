@@ -1,7 +1,7 @@
 """The executor's one boundary to the router: the router application's config, the wait for
 its replicas to take a new weight, and the traffic they count.
 
-Everything the backend knows of how traffic is split goes through these five functions, so the
+Everything the backend knows of how traffic is split goes through these functions, so the
 router can change (another router, or routing inside Serve's HTTP proxy) by changing this
 module alone. Today the router is executor/router.py: a Serve application at the model's
 route prefix whose `user_config` carries the routes with a stamp; a weight counts as applied
@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from executor import router_client, serve_calls
+from executor import router_client, router_metrics, serve_calls
 from executor.plan import Plan
 from executor.router import DEPLOYMENT as ROUTER_DEPLOYMENT
 from executor.router_metrics import guard_traffic
@@ -45,12 +45,24 @@ def stamp(config: dict[str, Any] | None) -> int:
     return int(config["deployments"][0].get("user_config", {}).get("stamp", -1))
 
 
+def sessions(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The sticky-session settings a router application config carries (None: off)."""
+    if not config:
+        return None
+    return config["deployments"][0].get("user_config", {}).get("sessions")
+
+
 def router_app(
-    plan: Plan, targets: dict[str, int], weight: float, deployed: dict[str, Any] | None
+    plan: Plan,
+    targets: dict[str, int],
+    weight: float,
+    session_weight: float,
+    deployed: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """The router application for this weight (pure): the deployed one unchanged when it
+    """The router application for these weights (pure): the deployed one unchanged when it
     already routes so, else a new config with a new stamp. A version with no replica gets no
-    route."""
+    route. With sticky sessions on, the router also gets the candidate's share of sessions
+    and which version is the candidate (executor/routing.py)."""
     table = []
     for role, share in ((c.CURRENT, 1.0 - weight), (c.CANDIDATE, weight)):
         app = plan.app(role)
@@ -64,14 +76,25 @@ def router_app(
                 "weight": round(share, 6),
             }
         )
-    if deployed is not None and routes(deployed) == table:
-        return deployed
     spec = plan.spec
+    sticky = spec.routing.sticky
+    session_config = None
+    if sticky is not None:
+        session_config = {
+            "header": sticky.header,
+            "cookie": sticky.cookie,
+            "max_age_s": sticky.max_age_s,
+            "candidate": plan.version(c.CANDIDATE),
+            "weight": round(session_weight, 6),
+        }
+    if deployed is not None and routes(deployed) == table and sessions(deployed) == session_config:
+        return deployed
     guard = spec.policy.guard  # the metric guard judges the router's window: its own if set
     user_config = {
         "stamp": time.time_ns() // 1000,
         "routes": table,
         "window_s": guard.window_s if guard else spec.router.metrics_window_s,
+        "sessions": session_config,
     }
     return {
         "name": plan.name,
@@ -119,16 +142,26 @@ def ongoing(plan: Plan) -> float:
         return 0.0
 
 
-def traffic(plan: Plan) -> dict[str, Traffic]:
-    """Each role's traffic over the router's metrics window, for the metric guard; empty while
-    no router replica answers, so the guard sees too few requests rather than a failure."""
+def snapshot(plan: Plan) -> dict[str, Any]:
+    """The router replicas' merged metrics snapshot (executor/router_metrics.py); empty while
+    no router replica answers."""
 
     def read() -> dict[str, Any]:
         names = router_client.router_actor_names(plan.name, serve_calls.details())
         return router_client.read_router(names).snapshot
 
     try:
-        snapshot = serve_calls.bounded(read, router_client.CALL_TIMEOUT_S + 15.0, "the router")
+        return serve_calls.bounded(read, router_client.CALL_TIMEOUT_S + 15.0, "the router")
     except BackendError:
-        snapshot = {}
-    return guard_traffic(snapshot, {role: plan.version(role) for role in (c.CURRENT, c.CANDIDATE)})
+        return {}
+
+
+def traffic(plan: Plan, snap: dict[str, Any]) -> dict[str, Traffic]:
+    """Each role's traffic in a `snapshot`, for the metric guard; with no router replica
+    answering the guard sees too few requests rather than a failure."""
+    return guard_traffic(snap, {role: plan.version(role) for role in (c.CURRENT, c.CANDIDATE)})
+
+
+def split(snap: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Each version's share of the window's requests and of the active sticky sessions."""
+    return router_metrics.split(snap)

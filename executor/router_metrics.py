@@ -8,12 +8,18 @@ and of latency. Histograms with fixed buckets add up, so the snapshots of severa
 merge exactly (`merge`) before percentiles are read (`summarize`); a bucket spans 4 %, so a
 percentile is off by at most 2 % of its value. Ongoing requests per version are counted apart,
 for the autoscaler, and `served` counts every finished request since the replica started.
+
+With sticky sessions each replica also remembers, per session, the version and time of its last
+request (under a digest of the key: session keys are often secrets), until `max_age_s` passes
+without one; snapshots list the most recent `SESSIONS_REPORTED` of them, and merging keeps each
+session's latest, so a session that both router replicas saw counts once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +29,8 @@ BASE_S = 1e-4  # the first bucket's lower edge; shorter times land in bucket 0
 GROWTH = 1.04  # each bucket is 4 % wider than the one before
 _LOG_GROWTH = math.log(GROWTH)
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "error", "cancelled")
+SESSIONS_KEPT = 100_000  # sessions a router replica remembers (the oldest are forgotten first)
+SESSIONS_REPORTED = 4096  # the most recent of them a snapshot lists
 
 
 def bucket(seconds: float) -> int:
@@ -74,6 +82,19 @@ class Window:
     ongoing: Counter[str] = field(default_factory=Counter)
     served: Counter[str] = field(default_factory=Counter)
     _slots: dict[int, dict[str, _Slot]] = field(default_factory=dict)
+    # session digest → (time of its last request, the version that got it), oldest first
+    _sessions: OrderedDict[str, tuple[float, str]] = field(default_factory=OrderedDict)
+
+    def session(self, key: str, version: str, now: float, max_age_s: float) -> None:
+        """A request of session `key` went to `version` at `now`."""
+        digest = hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
+        self._sessions[digest] = (now, version)
+        self._sessions.move_to_end(digest)
+        while self._sessions:
+            oldest = next(iter(self._sessions.values()))
+            if oldest[0] > now - max_age_s and len(self._sessions) <= SESSIONS_KEPT:
+                break
+            self._sessions.popitem(last=False)
 
     def started(self, version: str) -> None:
         self.ongoing[version] += 1
@@ -126,12 +147,16 @@ class Window:
                 _add(v["status"], slot.status)
                 _add(v["ttfb"], slot.ttfb)
                 _add(v["latency"], slot.latency)
-        return {
+        out: dict[str, Any] = {
             "window_s": float(window_s),
             "ongoing": dict(self.ongoing),
             "served": dict(self.served),
             "versions": versions,
         }
+        if self._sessions:
+            recent = list(self._sessions.items())[-SESSIONS_REPORTED:]
+            out["sessions"] = {k: [t, v] for k, (t, v) in recent}
+        return out
 
 
 def _add(into: dict[Any, int], more: dict[Any, int]) -> None:
@@ -142,6 +167,7 @@ def _add(into: dict[Any, int], more: dict[Any, int]) -> None:
 def merge(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
     """Add up the snapshots of several router replicas (same window)."""
     out: dict[str, Any] = {"window_s": 0.0, "ongoing": {}, "served": {}, "versions": {}}
+    sessions: dict[str, list[Any]] = {}
     for s in snapshots:
         out["window_s"] = max(out["window_s"], float(s.get("window_s", 0.0)))
         _add(out["ongoing"], s.get("ongoing", {}))
@@ -153,6 +179,30 @@ def merge(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
             into["requests"] += v["requests"]
             for key in ("status", "ttfb", "latency"):
                 _add(into[key], v[key])
+        for key, (t, version) in s.get("sessions", {}).items():
+            if key not in sessions or sessions[key][0] < t:
+                sessions[key] = [t, version]
+    if sessions:
+        out["sessions"] = sessions
+    return out
+
+
+def session_counts(snapshot: dict[str, Any]) -> dict[str, int]:
+    """Sessions per version (the version of each session's last request) in a snapshot."""
+    return dict(Counter(version for _, version in snapshot.get("sessions", {}).values()))
+
+
+def split(snapshot: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Each version's share of the window's requests and, with sticky sessions, of the active
+    sessions: what `rollout status` shows next to the weight."""
+    requests = {v: int(m["requests"]) for v, m in snapshot.get("versions", {}).items()}
+    sessions = session_counts(snapshot)
+    out: dict[str, dict[str, float]] = {}
+    for what, counts in (("requests", requests), ("sessions", sessions)):
+        total = sum(counts.values())
+        for version, n in counts.items():
+            if total:
+                out.setdefault(version, {})[what] = round(n / total, 4)
     return out
 
 

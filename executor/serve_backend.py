@@ -41,6 +41,7 @@ class ServeBackend:
         self.mem = memory.model_copy(deep=True)
         self.events: list[h.Event] = []
         self.counts: dict[str, dict[str, int]] = {}
+        self.split: dict[str, dict[str, float]] = {}  # version → share of requests, sessions
         self._connected = False
 
     def clock(self) -> float:
@@ -63,9 +64,13 @@ class ServeBackend:
         passed = serve_calls.probe(candidates, timeout)
         snap = Snapshot(time.time(), details, free, total)
         seen, self.counts = observation.observe(self.plan, mem, snap, passed)
-        if self.plan.spec.policy.guard is not None:  # the metric guard's window, per role
-            traffic = router_link.traffic(self.plan)
+        guard, sticky = self.plan.spec.policy.guard, self.plan.spec.routing.sticky
+        routed = router_link.snapshot(self.plan) if guard or sticky else {}
+        if guard is not None:  # the metric guard's window, per role
+            traffic = router_link.traffic(self.plan, routed)
             seen = {role: replace(v, traffic=traffic[role]) for role, v in seen.items()}
+        if sticky is not None:  # for `rollout status`: how the split really goes
+            self.split = router_link.split(routed)
         desired = self._desired(mem, snap.time)
         self.mem = mem
         return c.Observation(
@@ -88,7 +93,7 @@ class ServeBackend:
     def apply(self, actions: Sequence[c.Action]) -> None:
         if not actions:
             return
-        plan = order(self.mem.targets, self.mem.weight, actions)
+        plan = order(self.mem.targets, self.mem.weight, self.mem.session_weight, actions)
         self._connect()
         added = {r: plan.targets[r] - self.mem.targets.get(r, 0) for r in ROLES}
         self._check_gpus({r: n for r, n in added.items() if n > 0})
@@ -101,6 +106,7 @@ class ServeBackend:
         for outcome in plan.finished:
             self._applied(f"finish {outcome}", time.time(), time.time())
         self.mem.targets, self.mem.weight = plan.targets, plan.weight
+        self.mem.session_weight = plan.session_weight
 
     def _write(self, w: Write) -> None:
         """Write the whole declarative config with this write's counts and weight (unless the
@@ -109,7 +115,7 @@ class ServeBackend:
             apps = declarative_apps(serve_calls.details())
             new = with_versions(self.plan, apps, w.targets)
             router = router_link.router_app(
-                self.plan, w.targets, w.weight, apps.get(self.plan.name)
+                self.plan, w.targets, w.weight, w.session_weight, apps.get(self.plan.name)
             )
             new[self.plan.name] = router
             if new != apps:

@@ -119,6 +119,12 @@ def format_status(s: dict[str, Any]) -> str:
         f"  step {s['step']} of {s.get('steps', '?')}, stage {s.get('stage', '?')}, "
         f"weight on {s['to_version']} {s['candidate_weight']:.2f}",
     ]
+    if "session_weight" in s:
+        lines.append(f"  sticky sessions: {s['session_weight']:.2f} of them on {s['to_version']}")
+    what = {"requests": "of the window's requests", "sessions": "of the active sessions"}
+    for version, share in s.get("split", {}).items():
+        got = ", ".join(f"{share[k]:.0%} {what[k]}" for k in what if k in share)
+        lines.append(f"  {version}: {got}")
     for version, n in s.get("replicas", {}).items():
         counts = ", ".join(f"{k} {v}" for k, v in n.items())
         lines.append(f"  {version}: {counts}")

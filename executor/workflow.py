@@ -107,7 +107,7 @@ def iterate_step(plan_json: str, carry_json: str, controls: list[dict[str, Any]]
         carry.outcome = driver.state.phase.value
     carry.memory = backend.mem
     carry.events = [e.model_dump(mode="json") for e in [*driver.history, *backend.events]]
-    carry.status = _status(plan, carry, backend.counts, time.time())
+    carry.status = _status(plan, carry, backend.counts, time.time(), backend.split)
     metrics.observe(carry.status, carry.events)
     return carry.model_dump_json()
 
@@ -135,8 +135,15 @@ def finish_step(plan_json: str, outcome: str, reason: str = "") -> str:
     return json.dumps({"events": [e.model_dump(mode="json") for e in events]})
 
 
-def _status(plan: Plan, carry: Carry, counts: dict[str, dict[str, int]], now: float) -> dict:
-    """What `rollout status` prints (the controller fields plus observed replica counts)."""
+def _status(
+    plan: Plan,
+    carry: Carry,
+    counts: dict[str, dict[str, int]],
+    now: float,
+    split: dict[str, dict[str, float]] | None = None,
+) -> dict:
+    """What `rollout status` prints (the controller fields plus observed replica counts, and
+    with sticky sessions the candidate's share of sessions and the split the router saw)."""
     rs = c.RolloutState.from_json(carry.state)
     summary = rs.summary()
     targets = {c.CURRENT: rs.current_target, c.CANDIDATE: rs.candidate_target}
@@ -157,6 +164,11 @@ def _status(plan: Plan, carry: Carry, counts: dict[str, dict[str, int]], now: fl
         "step": rs.step,
         "steps": rs.planned_steps,
         "candidate_weight": rs.candidate_weight,
+        **(
+            {"session_weight": rs.session_weight, "split": split or {}}
+            if plan.spec.routing.sticky
+            else {}
+        ),
         "replicas": replicas,
         "waiting": "" if rs.phase.terminal else waiting,
         "error": carry.error,

@@ -47,6 +47,7 @@ from rollout.planner import (
     step_size,
 )
 from rollout.policy import Mode, RolloutPolicy
+from rollout.sticky import next_session_weight
 
 CURRENT = "current"
 CANDIDATE = "candidate"
@@ -137,7 +138,15 @@ class ScaleTo:
 
 @dataclass(frozen=True)
 class SetWeight:
+    """The candidate's share of requests; `session_weight` is its share of sticky sessions
+    (rollout/sticky.py), the same unless given."""
+
     candidate_weight: float
+    session_weight: float = -1.0
+
+    def __post_init__(self) -> None:
+        if self.session_weight < 0:
+            object.__setattr__(self, "session_weight", self.candidate_weight)
 
 
 @dataclass(frozen=True)
@@ -157,6 +166,9 @@ class RolloutState:
     current_target: int
     candidate_target: int = 0
     candidate_weight: float = 0.0
+    # the candidate's share of sticky sessions: the weight's high-water mark going forward,
+    # the weight itself going back (rollout/sticky.py)
+    session_weight: float = 0.0
     phase: Phase = Phase.PROGRESSING
     direction: Direction = Direction.FORWARD
     stage: Stage = Stage.BOUNDARY
@@ -357,11 +369,19 @@ class _Run:
             )
         )
 
+    def _session_weight(self, w: float) -> float:
+        """Sessions move only forward while the rollout does; once it is cancelled, rolled
+        back or failed they follow the weight back."""
+        forward = self.s.direction is Direction.FORWARD and not self.s.forced
+        return next_session_weight(self.s.session_weight, w, forward=forward)
+
     def _set_weight(self, w: float, reason: str) -> None:
-        if w != self.s.candidate_weight:
-            self._update(candidate_weight=w)
-            self.actions.append(SetWeight(w))
-            self.events.append(h.WeightSet(t=self.now, candidate_weight=w, reason=reason))
+        sw = self._session_weight(w)
+        if w != self.s.candidate_weight or sw != self.s.session_weight:
+            if w != self.s.candidate_weight:
+                self.events.append(h.WeightSet(t=self.now, candidate_weight=w, reason=reason))
+            self._update(candidate_weight=w, session_weight=sw)
+            self.actions.append(SetWeight(w, sw))
 
     def _scale(self, version: str, replicas: int, reason: str) -> None:
         """Scale one version; traffic leaves a shrinking candidate before its replicas do."""
@@ -415,6 +435,7 @@ class _Run:
             fast_forward=False,
             step_started_at=self.now,  # the rollback's own deadline counts from here
         )
+        self._set_weight(self.s.candidate_weight, "rollback: sessions follow the weight back")
         self._transition(Stage.ROLLBACK, reason, Phase.PROGRESSING)
 
     def _fail(self, reason: str) -> None:
@@ -459,7 +480,8 @@ class _Run:
             self.events.append(
                 h.WeightSet(t=self.now, candidate_weight=weight, reason="after a failed iteration")
             )
-        self.actions.append(SetWeight(weight))
+        self._update(session_weight=self._session_weight(weight))
+        self.actions.append(SetWeight(weight, self.s.session_weight))
         for v in (CURRENT, CANDIDATE):
             self._record_scale(v, self.s.target(v))
 
@@ -584,6 +606,7 @@ class _Run:
         """Cancel: the step cycle runs backwards from the next boundary, paused or not."""
         self._drop_requests(dropped)
         self._update(direction=Direction.BACKWARD, fast_forward=False)
+        self._set_weight(self.s.candidate_weight, "cancel: sessions follow the weight back")
         # candidates still starting carry no traffic: stop them now
         ready = self._proj_ready(CANDIDATE)
         if self.s.candidate_target > ready:

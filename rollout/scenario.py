@@ -48,9 +48,13 @@ class TokenCounts(_Strict):
 
 
 class SyntheticTrace(_Strict):
-    process: Literal["poisson", "diurnal", "step"] = "poisson"
+    # sessions: conversations arrive as a Poisson process at rate_per_s / turns_mean, each
+    # with a geometric number of turns (mean turns_mean) an exponential think time apart
+    process: Literal["poisson", "diurnal", "step", "sessions"] = "poisson"
     rate_per_s: float = Field(gt=0)
     duration_s: float = Field(gt=0)
+    turns_mean: float = Field(4.0, ge=1)
+    think_s_mean: float = Field(30.0, ge=0)
     # diurnal: rate·(1 + amplitude·sin(2πt/period_s)); step: rate·step_factor after step_at_s
     amplitude: float = Field(0.5, ge=0, le=1)
     period_s: float = Field(3600.0, gt=0)
@@ -310,6 +314,12 @@ class SweepGrid(_Strict):
         return out
 
 
+class RoutingSpec(_Strict):
+    # sticky sessions (rollout/sticky.py): a request with a session (a trace's `session_id`
+    # column, or the `sessions` process) goes to its session's version
+    sticky: bool = False
+
+
 class Slo(_Strict):
     latency_p99_s: float | None = Field(None, gt=0)
     ttft_p99_s: float | None = Field(None, gt=0)
@@ -328,6 +338,7 @@ class Scenario(_Strict):
     faults: FaultSpec = FaultSpec()
     autoscaling: AutoscalingConfig | None = None
     rollout: RolloutSpec | None = None
+    routing: RoutingSpec = RoutingSpec()
     sweep: SweepGrid | None = None
     slo: Slo = Slo()
 

@@ -4,6 +4,11 @@ A trace is a sorted array of arrival times in seconds from its first request, wi
 per-request token counts (the Azure LLM traces carry `ContextTokens` and `GeneratedTokens`).
 Bad files end in one `InputError` sentence naming the file and, where it helps, the row.
 
+A trace may carry sessions: a file's `session_id` column (a request with an empty one has no
+session), or the synthetic `sessions` process. Each request then carries its session's point in
+[0, 1) (rollout/sticky.py's `session_point` of the key, as the router computes it; -1 without a
+session), which is all sticky routing needs.
+
 A file is replayed as a sample of its traffic, varied by the seed (`resample`, on by default):
 every request of the file appears a Poisson(`rate_scale`) number of times (0, 1, 2, ...; on
 average `rate_scale`), each copy with the original's token counts, moved by a uniform offset in
@@ -14,7 +19,7 @@ its bursts and its request sizes, while each seed sees a different draw of it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
@@ -24,9 +29,11 @@ import pandas as pd
 
 from rollout.errors import InputError
 from rollout.scenario import SyntheticTrace, TraceSpec
+from rollout.sticky import session_point
 
 TIME_COLUMNS = ("TIMESTAMP", "arrival_s")
 TOKEN_COLUMNS = ("ContextTokens", "GeneratedTokens")
+SESSION_COLUMN = "session_id"
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,7 @@ class Trace:
     context_tokens: np.ndarray | None = None
     generated_tokens: np.ndarray | None = None
     source: str = ""
+    session_point: np.ndarray | None = None  # per request; -1: no session
 
     def __len__(self) -> int:
         return len(self.arrival_s)
@@ -85,12 +93,7 @@ def load_trace(spec: TraceSpec, *, seed: int = 0, files: TraceFiles = DISK) -> T
         if spec.resample:
             trace = resample(trace, spec.rate_scale, spec.jitter_s, seed=seed)
     if spec.time_scale != 1.0:
-        trace = Trace(
-            trace.arrival_s / spec.time_scale,
-            trace.context_tokens,
-            trace.generated_tokens,
-            trace.source,
-        )
+        trace = replace(trace, arrival_s=trace.arrival_s / spec.time_scale)
     return trace
 
 
@@ -112,7 +115,7 @@ def read_trace_csv(path: Path | str) -> Trace:
 @lru_cache(maxsize=8)
 def _read_cached(name: str, size: int, mtime_ns: int) -> Trace:
     trace = _read(Path(name))
-    for arr in (trace.arrival_s, trace.context_tokens, trace.generated_tokens):
+    for arr in (trace.arrival_s, trace.context_tokens, trace.generated_tokens, trace.session_point):
         if arr is not None:
             arr.setflags(write=False)
     return trace
@@ -138,7 +141,16 @@ def _read(path: Path) -> Trace:
     tokens = [
         _parse_tokens(path, frame[c], c) if c in frame.columns else None for c in TOKEN_COLUMNS
     ]
-    return Trace(times - times[0], tokens[0], tokens[1], source=str(path))
+    points = None
+    if SESSION_COLUMN in frame.columns:
+        points = session_points(frame[SESSION_COLUMN].str.strip().tolist())
+    return Trace(times - times[0], tokens[0], tokens[1], source=str(path), session_point=points)
+
+
+def session_points(keys: list[str]) -> np.ndarray:
+    """Each request's session point (-1 for an empty key), hashing each distinct key once."""
+    points = {k: session_point(k) for k in set(keys) if k}
+    return np.array([points[k] if k else -1.0 for k in keys], dtype=float)
 
 
 def _row_of(index: int) -> int:
@@ -206,39 +218,64 @@ def resample(trace: Trace, rate_scale: float, jitter_s: float, *, seed: int) -> 
         times = np.clip(times, 0.0, end)
     order = np.argsort(times, kind="stable")
     index = index[order]
-    ctx, gen = trace.context_tokens, trace.generated_tokens
+    ctx, gen, points = trace.context_tokens, trace.generated_tokens, trace.session_point
     return Trace(
         times[order],
         None if ctx is None else ctx[index],
         None if gen is None else gen[index],
         source=trace.source,
+        session_point=None if points is None else points[index],
     )
 
 
 def synthesize(spec: SyntheticTrace, *, seed: int = 0, files: TraceFiles = DISK) -> Trace:
-    """Arrivals of a Poisson process: constant, diurnal (sinusoidal) or with one step in rate.
+    """Arrivals of a Poisson process: constant, diurnal (sinusoidal) or with one step in rate;
+    or of sessions, each request carrying its session's point.
 
     Non-constant rates are drawn by thinning (Lewis and Shedler, 1979): candidates at the peak
     rate, each kept with probability rate(t) / peak.
     """
     rng = np.random.default_rng([seed, 0x7A3E])
-    if spec.process == "poisson":
-        peak = spec.rate_per_s
-    elif spec.process == "diurnal":
-        peak = spec.rate_per_s * (1.0 + spec.amplitude)
+    points = None
+    if spec.process == "sessions":
+        times, session = _session_times(rng, spec)
+        keys = [f"s{seed}-{i}" for i in range(int(session.max(initial=-1)) + 1)]
+        points = session_points(keys)[session]
     else:
-        peak = spec.rate_per_s * max(1.0, spec.step_factor)
-    times = _poisson_times(rng, peak, spec.duration_s)
-    if spec.process != "poisson":
-        keep = rng.random(len(times)) * peak < _rate_at(spec, times)
-        times = times[keep]
+        peak = spec.rate_per_s
+        if spec.process == "diurnal":
+            peak *= 1.0 + spec.amplitude
+        elif spec.process == "step":
+            peak *= max(1.0, spec.step_factor)
+        times = _poisson_times(rng, peak, spec.duration_s)
+        if spec.process != "poisson":
+            keep = rng.random(len(times)) * peak < _rate_at(spec, times)
+            times = times[keep]
     if len(times) == 0:
         raise InputError(
             f"the synthetic {spec.process} trace has no requests: raise rate_per_s "
             f"({spec.rate_per_s:g}) or duration_s ({spec.duration_s:g})"
         )
     ctx, gen = token_counts(spec, len(times), seed=seed, files=files)
-    return Trace(times, ctx, gen, source=f"synthetic {spec.process}")
+    return Trace(times, ctx, gen, source=f"synthetic {spec.process}", session_point=points)
+
+
+def _session_times(rng: np.random.Generator, spec: SyntheticTrace) -> tuple[np.ndarray, np.ndarray]:
+    """Arrivals of the `sessions` process, sorted, and each one's session number: sessions
+    start as a Poisson process at rate_per_s / turns_mean, each with a geometric number of
+    turns (mean turns_mean), an exponential think time (mean think_s_mean) apart."""
+    starts = _poisson_times(rng, spec.rate_per_s / spec.turns_mean, spec.duration_s)
+    turns = rng.geometric(1.0 / spec.turns_mean, len(starts))
+    session = np.repeat(np.arange(len(starts)), turns)
+    gaps = rng.exponential(spec.think_s_mean, len(session)) if spec.think_s_mean else 0.0
+    gaps = np.where(np.r_[True, session[1:] != session[:-1]], 0.0, gaps)
+    # each session's turns: its start plus the running sum of its think times
+    first = np.repeat(np.cumsum(turns) - turns, turns)
+    total = np.cumsum(gaps)
+    times = starts[session] + total - total[first]
+    keep = times < spec.duration_s
+    order = np.argsort(times[keep], kind="stable")
+    return times[keep][order], session[keep][order]
 
 
 def token_counts(

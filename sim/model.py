@@ -35,6 +35,7 @@ from sim.result import (
     RolloutOutcome,
     SimResult,
     guard_summary,
+    split_summary,
     summarize,
 )
 from sim.router import DROPPED, FAILED, Router
@@ -81,6 +82,12 @@ class Simulation:
         if cand is not None and cand.error_rate > 0:
             draw = np.random.default_rng([seed, 0xBAD]).random(len(self.trace.arrival_s))
             fails = draw < cand.error_rate
+        sessions = self.trace.session_point if s.routing.sticky else None
+        if s.routing.sticky and sessions is None:
+            raise InputError(
+                "routing.sticky needs sessions: a session_id column in the trace, or "
+                "trace.synthetic.process: sessions"
+            )
         self.env = simpy.Environment()
         self.router = Router(
             self.trace.arrival_s,
@@ -90,6 +97,7 @@ class Simulation:
             seed=seed,
             on_drained=self._drained,
             fails=fails,
+            sessions=sessions,
         )
         on_demand = s.fleet.on_demand
         self.gpus = GpuSupply(
@@ -183,7 +191,7 @@ class Simulation:
             if isinstance(action, c.ScaleTo):
                 self.cluster.scale_to(_VERSION[action.version], action.replicas)
             elif isinstance(action, c.SetWeight):
-                self.router.set_weight(action.candidate_weight)
+                self.router.set_weight(action.candidate_weight, action.session_weight)
                 self._record()
             elif isinstance(action, c.Finish):
                 self._finished(action.outcome)
@@ -386,6 +394,7 @@ class Simulation:
         events = list(self.driver.history) if self.driver else []
         bad = s.rollout is not None and s.rollout.candidate.bad
         summary |= guard_summary(requests, timeline, events, bad=bad)
+        summary |= split_summary(requests, timeline, outcome, end_s)
         return SimResult(summary, requests, timeline, events, self._replicas())
 
     def _replicas(self) -> pd.DataFrame:

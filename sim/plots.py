@@ -106,7 +106,10 @@ def draw_timeline(result: SimResult, axes: Sequence[Axes], *, legend: bool = Tru
         max(1.0, float(tl["gpus_in_use"].max()), float(tl["desired_replicas"].max())) * 1.18 + 0.5,
     )
 
-    axes[1].step(t, steps("candidate_weight"), where="post", color=CANDIDATE_COLOR, lw=1.5)
+    axes[1].step(
+        t, steps("candidate_weight"), where="post", color=CANDIDATE_COLOR, lw=1.5, label="weight"
+    )
+    _share_dots(axes[1], result.requests, span)
     axes[1].set_ylabel("candidate\nweight")
     axes[1].set_ylim(-0.05, 1.05)
 
@@ -117,7 +120,7 @@ def draw_timeline(result: SimResult, axes: Sequence[Axes], *, legend: bool = Tru
         a.grid(alpha=0.3)
         a.set_xlim(0, span / 60.0)
     if legend:  # outside, on the right: the plot's top is where a surge shows
-        for a in (ax, axes[2]):
+        for a in axes:
             a.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
 
 
@@ -143,6 +146,22 @@ def _binned_percentiles(
             centres.append((i + 0.5) * width / 60.0)
             rows.append(np.percentile(chunk, qs))
     return np.array(centres), np.array(rows).T.reshape(len(qs), -1)
+
+
+def _share_dots(ax: Axes, requests: pd.DataFrame, span: float) -> None:
+    """The candidate's realised share of the requests that arrived in each bin, beside the
+    weight line (sticky sessions make it stray; see sim/result.py `split_steps`)."""
+    width = next((w for w in _BIN_WIDTHS if w >= span / 120.0), _BIN_WIDTHS[-1])
+    arrival = requests["arrival_s"].to_numpy()
+    if not len(arrival):
+        return
+    bins = (arrival // width).astype(int)
+    total = np.bincount(bins)
+    on_candidate = np.bincount(bins, weights=requests["version"].cat.codes.to_numpy() == 1)
+    seen = total > 0
+    x = (np.nonzero(seen)[0] + 0.5) * width / 60.0
+    ax.plot(x, on_candidate[seen] / total[seen], ".", color="black", ms=2.5,
+            label="share of requests")  # fmt: skip
 
 
 def _latency_panel(ax: Axes, requests: pd.DataFrame, span: float) -> None:

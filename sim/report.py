@@ -258,6 +258,7 @@ class ReportInputs:
     guard_pick: str | None = None  # with a bad release: the policy that limits it best
     failures: list[str] = field(default_factory=list)  # `policy seed=…: Error: message`
     failed: int = 0  # how many simulations failed (failures may list only the first ones)
+    sticky: bool = False  # sticky sessions: report how far the realised split strays
 
 
 def billing_text(fleet: FleetSpec) -> str:
@@ -363,6 +364,8 @@ def render_report(r: ReportInputs) -> str:
             "rollout (see the `capped` events of its history).",
             "",
         ]
+    if r.sticky:
+        lines += _split_lines(r)
     if r.guard_pick is not None:
         lines += _bad_release_lines(r)
     if r.failures:
@@ -385,6 +388,33 @@ def render_report(r: ReportInputs) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _split_lines(r: ReportInputs) -> list[str]:
+    """Sticky sessions: the candidate's realised share of requests against its weight."""
+    p = r.policies
+    worst = p["split_off_pp"].max()
+    lines = [
+        "## Sticky sessions: the realised split",
+        "",
+        "Requests of one session go to one version and move only forward, with the weight "
+        "(docs/executor.md, Sticky sessions). In expectation the candidate's share of requests "
+        "still equals its weight; but whole sessions move together, so a step's split strays "
+        f"from the weight: by at most {_num(worst, '.1f')} percentage points here (the worst "
+        "step of the worst run). *Lag* is the request-weighted mean of weight − share over the "
+        "rollout's steps (mean over runs; positive: the split lags the weight); *off* the "
+        "largest |weight − share| of a step (worst run); – where no step split traffic (the "
+        "weight went from 0 to 1 at once).",
+        "",
+        "| policy | lag pp (mean) | off pp (worst) |",
+        "|---|---:|---:|",
+    ]
+    for _, row in p.sort_values(["split_off_pp"]).iterrows():
+        lines.append(
+            f"| {row['policy']} | {_num(row['split_lag_pp'], '+.2f')} | "
+            f"{_num(row['split_off_pp'], '.2f')} |"
+        )
+    return [*lines, ""]
 
 
 def _bad_release_lines(r: ReportInputs) -> list[str]:

@@ -229,6 +229,53 @@ def guard_summary(
     }
 
 
+MIN_STEP_REQUESTS = 100  # a step with fewer requests is too noisy to judge its split by
+
+
+def split_steps(
+    requests: pd.DataFrame, timeline: pd.DataFrame, start: float, stop: float
+) -> pd.DataFrame:
+    """Each weight the controller held during [start, stop] that split traffic (0 < w < 1):
+    when, the weight, the requests that arrived meanwhile and the candidate's share of them
+    (what sticky sessions move away from the weight)."""
+    t = timeline["t_s"].to_numpy()
+    w = timeline["candidate_weight"].to_numpy(dtype=float)
+    change = np.r_[True, w[1:] != w[:-1]] if len(w) else np.zeros(0, bool)
+    seg_t, seg_w = t[change], w[change]
+    ends = np.r_[seg_t[1:], math.inf]
+    arrival = requests["arrival_s"].to_numpy()
+    on_candidate = requests["version"].cat.codes.to_numpy() == 1
+    rows = []
+    for t0, t1, weight in zip(seg_t, ends, seg_w, strict=True):
+        lo_t, hi_t = max(t0, start), min(t1, stop)
+        if not 0.0 < weight < 1.0 or hi_t <= lo_t:
+            continue
+        lo, hi = np.searchsorted(arrival, [lo_t, hi_t], side="left")
+        if hi > lo:
+            share = float(np.count_nonzero(on_candidate[lo:hi])) / (hi - lo)
+            rows.append((lo_t, hi_t, float(weight), int(hi - lo), share))
+    return pd.DataFrame(rows, columns=["from_s", "until_s", "weight", "requests", "share"])
+
+
+def split_summary(
+    requests: pd.DataFrame, timeline: pd.DataFrame, rollout: RolloutOutcome, end_s: float
+) -> dict[str, Any]:
+    """How far the candidate's realised share of requests strayed from its weight during the
+    rollout, in percentage points: `split_lag_pp`, the request-weighted mean of weight − share
+    (positive: the split lags the weight), and `split_off_pp`, the largest |weight − share| of
+    a step with at least MIN_STEP_REQUESTS requests. None without a split to judge."""
+    steps = pd.DataFrame()
+    if rollout.start is not None:
+        stop = rollout.end if rollout.end is not None else end_s
+        steps = split_steps(requests, timeline, rollout.start, stop)
+    if not len(steps):
+        return {"split_lag_pp": None, "split_off_pp": None}
+    gap = (steps["weight"] - steps["share"]) * 100.0
+    lag = float((gap * steps["requests"]).sum() / steps["requests"].sum())
+    judged = gap[steps["requests"] >= MIN_STEP_REQUESTS].abs()
+    return {"split_lag_pp": lag, "split_off_pp": float(judged.max()) if len(judged) else None}
+
+
 def _window(timeline: pd.DataFrame, start: float, stop: float) -> pd.DataFrame:
     """Timeline rows in effect during [start, stop], including the one in effect at start."""
     t = timeline["t_s"].to_numpy()

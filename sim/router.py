@@ -10,7 +10,8 @@ memoryviews), not Python objects.
 
 Routing, as Ray Serve does it for a weighted pair of deployments:
 1. the version is drawn by the controller's candidate weight (never a version without a ready
-   replica);
+   replica); with sticky sessions, a request of a session goes to its session's version
+   (rollout/sticky.py: its point below the session weight), as the executor's router does;
 2. within the version, power of two choices on ongoing requests picks a replica; when both
    picks are full (`max_ongoing_requests`), power of two choices among the replicas that have
    room (Serve's router retries random pairs until one has room), which the router keeps in
@@ -72,6 +73,7 @@ class Router:
         seed: int,
         on_drained: Callable[[Replica, float], None],
         fails: np.ndarray | None = None,
+        sessions: np.ndarray | None = None,
     ) -> None:
         n = len(arrivals)
         self.n = n
@@ -101,6 +103,9 @@ class Router:
         self.timeout_s = timeout_s
         self.on_drained = on_drained
         self.weight = 0.0  # the candidate's share of new requests
+        self.session_weight = 0.0  # the candidate's share of sessions (sticky routing)
+        # sticky routing: each request's session point (-1: none); None: routed by weight
+        self.sessions = None if sessions is None else memoryview(np.asarray(sessions, float))
         self.next_i = 0  # next arrival to process
         self.heap: list[tuple[float, int, Replica]] = []
         self.lanes: tuple[deque[int], deque[int]] = (deque(), deque())
@@ -175,8 +180,9 @@ class Router:
 
     # ---- what the control plane changes --------------------------------------------------
 
-    def set_weight(self, weight: float) -> None:
+    def set_weight(self, weight: float, session_weight: float | None = None) -> None:
         self.weight = weight
+        self.session_weight = weight if session_weight is None else session_weight
 
     def add_ready(self, rep: Replica, now: float) -> None:
         v = rep.version
@@ -310,6 +316,7 @@ class Router:
         avail_add = self._avail_add
         heappop = heapq.heappop
         weight = self.weight  # only the control plane changes it, between calls
+        sessions, session_weight = self.sessions, self.session_weight
         i = self.next_i
         t_arr = arr[i]  # INF past the last arrival
         try:
@@ -367,6 +374,8 @@ class Router:
                 i += 1
                 t_arr = arr[i]
                 v = 1 if vdraw() < weight else 0
+                if sessions is not None and sessions[k] >= 0.0:
+                    v = 1 if sessions[k] < session_weight else 0
                 if not ready[v] and ready[1 - v]:
                     v = 1 - v
                 if v and fails[k] and ready[1]:  # the bad candidate answers with an error

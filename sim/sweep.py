@@ -375,6 +375,7 @@ def write_sweep(result: SweepResult, out_dir: Path | str, *, timelines: bool = T
             guard_pick=result.guard_pick,
             failures=shown_failures(result.failures),
             failed=len(result.failures),
+            sticky=result.scenario.routing.sticky,
         )
     )
     (out / "report.md").write_text(text)

@@ -182,6 +182,9 @@ def policy_table(rows: pd.DataFrame) -> pd.DataFrame:
     table["pool_capped_at"] = g["pool_capped_at"].min() if capped else math.nan
     table["rollout_duration_min_s"] = g["rollout_duration_s"].min()
     table["rollout_duration_max_s"] = g["rollout_duration_s"].max()
+    if "split_off_pp" in rows.columns:  # how far the realised split strayed from the weight
+        table["split_off_pp"] = g["split_off_pp"].max()
+        table["split_lag_pp"] = g["split_lag_pp"].mean()
     table["slo_severity"] = g["slo_severity"].max()
     table["runs_meeting_slo"] = g["slo_met"].sum().astype(int)
     table["slo_met"] = g["slo_met"].all()

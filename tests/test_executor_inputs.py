@@ -76,6 +76,9 @@ BAD = [
     (with_(store="mysql://db/rollout"), "store"),
     (with_(http={"port": 70000}), "http.port"),
     (with_(autoscaling={"min_replicas": 1, "max_replicas": 2}), "within autoscaling"),
+    (with_(routing={"sticky": {"header": "X Session"}}), "HTTP header name in lowercase"),
+    (with_(routing={"sticky": {"header": None}}), "needs a header or a cookie"),
+    (with_(routing={"sticky": {"cookie": "a;b"}}), "must be a cookie name"),
     ("name: [unclosed", "not valid YAML"),
     ("- a\n- list\n", "must be a YAML mapping"),
 ]
@@ -373,3 +376,13 @@ def test_an_http_port_in_use_stops_the_deploy_before_anything_starts(tmp_path: P
         "(Address already in use); free it or choose another port\n"
     )
     assert not (tmp_path / "home" / "cluster.json").exists()  # no cluster was started
+
+
+def test_status_shows_the_session_weight_and_the_realised_split() -> None:
+    s = {"id": "r1", "state": "progressing", "app": "chat", "from_version": "v1",
+         "to_version": "v2", "step": 1, "candidate_weight": 0.25, "session_weight": 0.5,
+         "split": {"v1": {"requests": 0.6, "sessions": 0.55}, "v2": {"requests": 0.4}}}  # fmt: skip
+    lines = status.format_status(s).splitlines()
+    assert "  sticky sessions: 0.50 of them on v2" in lines
+    assert "  v1: 60% of the window's requests, 55% of the active sessions" in lines
+    assert "  v2: 40% of the window's requests" in lines

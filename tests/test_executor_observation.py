@@ -161,11 +161,18 @@ def test_the_weight_goes_first_and_is_confirmed_before_any_scale_down() -> None:
     got = order(
         {c.CURRENT: 4, c.CANDIDATE: 1},
         0.2,
+        0.2,
         [c.ScaleTo(c.CANDIDATE, 2), c.SetWeight(0.4), c.ScaleTo(c.CURRENT, 3)],
     )
     assert got.writes == (
-        Write({c.CURRENT: 4, c.CANDIDATE: 2}, 0.4, True, ("weight 0.4000", "scale candidate to 2")),
-        Write({c.CURRENT: 3, c.CANDIDATE: 2}, 0.4, False, ("scale current to 3",)),
+        Write(
+            {c.CURRENT: 4, c.CANDIDATE: 2},
+            0.4,
+            0.4,
+            True,
+            ("weight 0.4000", "scale candidate to 2"),
+        ),
+        Write({c.CURRENT: 3, c.CANDIDATE: 2}, 0.4, 0.4, False, ("scale current to 3",)),
     )
     assert got.targets == {c.CURRENT: 3, c.CANDIDATE: 2} and got.weight == 0.4
 
@@ -173,7 +180,7 @@ def test_the_weight_goes_first_and_is_confirmed_before_any_scale_down() -> None:
 def test_a_scale_down_alone_still_waits_for_the_router_first() -> None:
     """The weight was set by an earlier, interrupted apply: the scale-down must wait for the
     router to confirm what is deployed."""
-    got = order({c.CURRENT: 4, c.CANDIDATE: 2}, 0.4, [c.ScaleTo(c.CURRENT, 3)])
+    got = order({c.CURRENT: 4, c.CANDIDATE: 2}, 0.4, 0.4, [c.ScaleTo(c.CURRENT, 3)])
     assert [(w.targets, w.confirm) for w in got.writes] == [
         ({c.CURRENT: 4, c.CANDIDATE: 2}, True),
         ({c.CURRENT: 3, c.CANDIDATE: 2}, False),
@@ -181,11 +188,21 @@ def test_a_scale_down_alone_still_waits_for_the_router_first() -> None:
 
 
 def test_scale_ups_alone_need_no_confirmation_and_finish_writes_last() -> None:
-    up = order({c.CURRENT: 2, c.CANDIDATE: 0}, 0.0, [c.ScaleTo(c.CANDIDATE, 1)])
+    up = order({c.CURRENT: 2, c.CANDIDATE: 0}, 0.0, 0.0, [c.ScaleTo(c.CANDIDATE, 1)])
     assert [w.confirm for w in up.writes] == [False]
-    end = order({c.CURRENT: 0, c.CANDIDATE: 2}, 1.0, [c.Finish(c.Phase.SUCCEEDED)])
+    end = order({c.CURRENT: 0, c.CANDIDATE: 2}, 1.0, 1.0, [c.Finish(c.Phase.SUCCEEDED)])
     assert [w.applied for w in end.writes] == [()] and end.finished == ("succeeded",)
-    assert order({c.CURRENT: 2}, 0.0, []).writes == ()
+    assert order({c.CURRENT: 2}, 0.0, 0.0, []).writes == ()
+
+
+def test_a_session_weight_change_alone_is_written_and_confirmed() -> None:
+    """A cancel lowers the sessions' weight to the weight's: no replica moves, yet the router
+    must take it before anything else happens."""
+    got = order({c.CURRENT: 3, c.CANDIDATE: 1}, 0.25, 0.5, [c.SetWeight(0.25, 0.25)])
+    assert got.writes == (
+        Write({c.CURRENT: 3, c.CANDIDATE: 1}, 0.25, 0.25, True, ("weight 0.2500",)),
+    )
+    assert got.session_weight == 0.25
 
 
 def test_a_replayed_apply_finds_its_config_deployed_and_still_waits_for_the_router(

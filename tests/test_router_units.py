@@ -17,10 +17,13 @@ from executor.router_metrics import (
     bucket_value,
     merge,
     quantile,
+    session_counts,
+    split,
     status_class,
     summarize,
 )
-from executor.routing import RouteTable, session_point
+from executor.routing import RouteTable, Sticky
+from rollout.sticky import session_point
 
 
 def table(*weights: float) -> RouteTable:
@@ -65,6 +68,107 @@ class TestRouteTable:
         u = session_point(key)
         assert 0.0 <= u < 1.0
         assert session_point(key) == u
+
+
+def sticky_table(session_weight: float, *weights: float, **sticky: object) -> RouteTable:
+    """v1 (current) and v2 (candidate) with these weights and sticky sessions on."""
+    routes = [
+        {"version": f"v{i}", "app": f"m_v{i}", "deployment": "D", "weight": w}
+        for i, w in enumerate(weights, start=1)
+    ]
+    sessions = {"header": "x-session-id", "cookie": None, "max_age_s": 60.0,
+                "candidate": "v2", "weight": session_weight, **sticky}  # fmt: skip
+    return RouteTable.from_config({"stamp": 1, "routes": routes, "sessions": sessions})
+
+
+class TestStickyRoutes:
+    @pytest.mark.parametrize(
+        "headers,key",
+        [
+            ([(b"x-session-id", b" abc ")], "abc"),
+            ([(b"x-session-id", b"")], None),
+            ([(b"cookie", b"a=1; sid=xyz; b=2")], "xyz"),
+            ([(b"cookie", b'sid="q"')], "q"),
+            ([(b"x-session-id", b"h"), (b"cookie", b"sid=c")], "h"),
+            ([(b"cookie", b"sidx=1")], None),
+            ([], None),
+        ],
+    )
+    def test_the_key_is_the_header_else_the_cookie(self, headers: list, key: str | None) -> None:
+        sticky = Sticky.from_config(
+            {
+                "header": "x-session-id",
+                "cookie": "sid",
+                "max_age_s": 60,
+                "candidate": "v2",
+                "weight": 0.5,
+            }
+        )
+        assert sticky is not None and sticky.key(headers) == key
+
+    def test_off_without_sessions_in_the_config(self) -> None:
+        assert table(0.5, 0.5).sticky is None
+        assert table(0.5, 0.5).pick_session("k") is None
+
+    def test_a_session_is_on_the_candidate_below_the_session_weight(self) -> None:
+        keys = [f"s{i}" for i in range(2000)]
+        for sw in (0.0, 0.1, 0.5, 0.9, 1.0):
+            t = sticky_table(sw, 1 - sw or 1e-3, sw or 1e-3)
+            on = [k for k in keys if t.pick_session(k).version == "v2"]  # type: ignore[union-attr]
+            assert on == [k for k in keys if session_point(k) < sw]
+
+    def test_forward_only_as_the_session_weight_grows(self) -> None:
+        keys = [f"s{i}" for i in range(500)]
+        seen: set[str] = set()
+        for sw in (0.1, 0.25, 0.5, 0.75, 1.0):
+            t = sticky_table(sw, 1 - sw or 1e-3, sw)
+            now = {k for k in keys if t.pick_session(k).version == "v2"}  # type: ignore[union-attr]
+            assert seen <= now
+            seen = now
+        assert len(seen) == len(keys)
+
+    def test_a_version_without_a_route_sends_its_sessions_to_the_other(self) -> None:
+        """The candidate lost its last ready replica (weight 0): its sessions go to v1; and a
+        first deploy (no current version) sends every session to the candidate."""
+        no_candidate = sticky_table(0.6, 1.0, 0.0)
+        assert {no_candidate.pick_session(f"s{i}").version for i in range(100)} == {"v1"}  # type: ignore[union-attr]
+        routes = [{"version": "v2", "app": "m_v2", "deployment": "D", "weight": 1.0}]
+        only = RouteTable.from_config({"routes": routes, "sessions": {"candidate": "v2"}})
+        assert {only.pick_session(f"s{i}").version for i in range(100)} == {"v2"}  # type: ignore[union-attr]
+        assert RouteTable.from_config({"sessions": {"candidate": "v2"}}).pick_session("k") is None
+
+
+class TestSessionCounts:
+    def test_sessions_expire_after_max_age_and_keys_are_not_kept(self) -> None:
+        w = Window()
+        w.session("secret-1", "v1", 0.0, 60.0)
+        w.session("secret-2", "v2", 30.0, 60.0)
+        w.session("secret-1", "v2", 50.0, 60.0)  # moved forward
+        snap = w.snapshot(50.0, 60)
+        assert session_counts(snap) == {"v2": 2}
+        assert "secret" not in str(snap)
+        w.session("secret-3", "v1", 100.0, 60.0)  # secret-2's last request was 70 s ago
+        assert session_counts(w.snapshot(100.0, 60)) == {"v1": 1, "v2": 1}
+
+    def test_merge_counts_a_session_seen_by_both_replicas_once_at_its_latest(self) -> None:
+        a, b = Window(), Window()
+        a.session("s1", "v1", 10.0, 600.0)
+        b.session("s1", "v2", 20.0, 600.0)
+        b.session("s2", "v1", 5.0, 600.0)
+        merged = merge([a.snapshot(20.0, 60), b.snapshot(20.0, 60)])
+        assert session_counts(merged) == {"v1": 1, "v2": 1}
+
+    def test_split_gives_shares_of_requests_and_sessions(self) -> None:
+        w = Window()
+        for i in range(4):
+            w.started("v1" if i else "v2")
+            w.finished("v1" if i else "v2", 10.0, status=200, ttfb_s=0.01, latency_s=0.1)
+        w.session("s1", "v2", 10.0, 60.0)
+        w.session("s2", "v1", 10.0, 60.0)
+        assert split(w.snapshot(10.0, 60)) == {
+            "v1": {"requests": 0.75, "sessions": 0.5},
+            "v2": {"requests": 0.25, "sessions": 0.5},
+        }
 
 
 class TestHistogram:

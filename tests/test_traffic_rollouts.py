@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import select
 import shutil
 import signal
@@ -501,3 +502,174 @@ def test_llm_rollout_under_trace_replay(ray_cluster: RayCluster, llm: Path) -> N
     # (the generator's own capacity is measured by benchmarks/load_capacity.py)
     assert summary["send_lag_p99_s"] < 1.0
     assert "v1" in stdout and "v2" in stdout and "TTFT p50" in stdout
+
+
+# ---- sticky sessions --------------------------------------------------------------------------
+
+STICKY = "sticky"
+SESSIONS = [f"user-{i}" for i in range(200)]
+
+
+@dataclass
+class Turn:
+    key: str
+    sent: float  # Unix time
+    version: str | None  # None: the request failed
+    status: int
+
+
+class SessionLoad:
+    """200 sessions, each one request at a time (a session's turns never overlap, so their
+    order is the order they were answered in): `workers` loops, each owning a slice of the
+    sessions and pausing `pause_s` after each turn; bounded in time."""
+
+    def __init__(self, url: str, workers: int = 20, pause_s: float = 0.25, max_s: float = 200):
+        self.url, self.workers, self.pause_s, self.max_s = url, workers, pause_s, max_s
+        self.turns: list[Turn] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    async def _worker(self, keys: list[str]) -> None:
+        import aiohttp
+
+        deadline = time.time() + self.max_s
+        async with aiohttp.ClientSession() as s:
+            while not self._stop.is_set() and time.time() < deadline:
+                for key in keys:
+                    sent = time.time()
+                    try:
+                        async with s.get(self.url, headers={"x-session-id": key}) as r:
+                            await r.read()
+                            turn = Turn(key, sent, r.headers.get("x-rollout-version"), r.status)
+                    except Exception:  # a failed request: recorded, never raised
+                        turn = Turn(key, sent, None, -1)
+                    self.turns.append(turn)
+                    await asyncio.sleep(self.pause_s)
+
+    async def _main(self) -> None:
+        n = self.workers
+        await asyncio.gather(*(self._worker(SESSIONS[k::n]) for k in range(n)))
+
+    def all_sent_after(self, t: float) -> bool:
+        return {x.key for x in self.turns if x.sent > t} == set(SESSIONS)
+
+    def __enter__(self) -> SessionLoad:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+def sticky_file(c: RayCluster, version: str) -> Path:
+    return c.deploy_file(
+        STICKY,
+        version,
+        replicas=4,
+        model={"ray_actor_options": {"num_cpus": 0.05}},  # no GPU: fits beside the others
+        routing={"sticky": {"header": "x-session-id"}},
+    )
+
+
+def weight_steps(history: list[dict[str, Any]]) -> list[tuple[float, float, float]]:
+    """(from, until, candidate weight) of each weight the controller set."""
+    sets = [(e["t"], e["candidate_weight"]) for e in history if e["kind"] == "weight_set"]
+    ends = [t for t, _ in sets[1:]] + [math.inf]
+    return [(t, end, w) for (t, w), end in zip(sets, ends, strict=True)]
+
+
+def judge_steps(
+    turns: list[Turn], steps: list[tuple[float, float, float]], candidate: str, settle_s: float
+) -> list[tuple[float, int, float, float]]:
+    """Per weight held for a while: (weight, requests, share the hash assigns the candidate,
+    share the candidate answered), from requests sent `settle_s` after it was set (the router
+    takes it within a few tenths of a second) and before the next one."""
+    from rollout.sticky import session_point
+
+    out = []
+    for start, end, w in steps:
+        mine = [x for x in turns if start + settle_s <= x.sent < end]
+        if len(mine) < 50:
+            continue
+        assigned = sum(session_point(x.key) < w for x in mine) / len(mine)
+        realised = sum(x.version == candidate for x in mine) / len(mine)
+        out.append((w, len(mine), assigned, realised))
+    return out
+
+
+def history(rollout_id: str) -> list[dict[str, Any]]:
+    """`rollout history ID --json`, read in this process (a CLI call costs seconds here)."""
+    from executor import status, store
+
+    st, _ = store.find(rollout_id)
+    events, _ = status.read_history(status.client(st.url), rollout_id)
+    return [e.model_dump(mode="json") for e in events]
+
+
+def moves(turns: list[Turn]) -> dict[str, list[str]]:
+    """Each session's versions in the order its turns were sent, repeats collapsed."""
+    seq: dict[str, list[str]] = {}
+    for x in sorted(turns, key=lambda x: x.sent):
+        s = seq.setdefault(x.key, [])
+        if x.version and (not s or s[-1] != x.version):
+            s.append(x.version)
+    return seq
+
+
+def test_sticky_sessions_move_only_forward_and_back_on_cancel(ray_cluster: RayCluster) -> None:
+    """200 session keys under load: v1 → v2 moves each session once, forward, with the weight;
+    then a rollout v2 → v1 cancelled after its first step moves every session back to v2."""
+    c = ray_cluster
+    first = c.cli("deploy", str(sticky_file(c, "v1")))
+    assert first.returncode == 0, first.stdout + first.stderr
+    with SessionLoad(c.url(STICKY)) as load:
+        wait_for(lambda: load.all_sent_after(0), 60, what="every session's first turn")
+        began = time.time()
+        done = c.cli("deploy", str(sticky_file(c, "v2")))
+        assert done.returncode == 0, done.stdout + done.stderr
+        rolled_at = time.time()
+        rid = done.stdout.splitlines()[0].strip()
+        wait_for(lambda: load.all_sent_after(rolled_at + 0.5), 60, what="a turn after it")
+
+        forward = [x for x in load.turns if x.sent < rolled_at + 0.5]
+        status = c.peek(rid)
+        steps = judge_steps(forward, weight_steps(history(rid)), "v2", settle_s=1.0)
+        print(f"\nsticky v1 → v2 in {rolled_at - began:.1f} s, {len(forward)} requests; per "
+              "step: weight, requests, share the hash assigns v2, share v2 answered")  # fmt: skip
+        for w, n, assigned, realised in steps:
+            print(f"  {w:.2f}  {n:4d}  {assigned:.3f}  {realised:.3f}")
+
+        # the cancel: v2 → v1, cancelled once a quarter of the sessions are on v1
+        second_at = time.time()
+        rid2 = c.deploy_detached(sticky_file(c, "v1"))
+        wait_for(lambda: c.peek(rid2).get("candidate_weight", 0) > 0, 90, what="a step")
+        cancel_from = time.time()
+        assert c.cli("cancel", rid2).returncode == 0
+        wait_for(lambda: c.peek(rid2)["state"] == "cancelled", 90, what="the cancel")
+        cancelled_at = time.time()
+        print(f"v2 → v1 to its first step in {cancel_from - second_at:.1f} s, cancelled in "
+              f"{cancelled_at - cancel_from:.1f} s")  # fmt: skip
+        wait_for(lambda: load.all_sent_after(cancelled_at + 0.5), 60, what="a turn after it")
+    assert all(x.status == 200 for x in load.turns), [x for x in load.turns if x.status != 200][:3]
+
+    # forward: every session went v1 → v2 once, and ended on v2
+    seq = moves([x for x in load.turns if x.sent < rolled_at + 0.5])
+    went_back = [k for k, s in seq.items() if s not in (["v1"], ["v1", "v2"], ["v2"])]
+    assert not went_back, {k: seq[k] for k in went_back[:5]}
+    last = {x.key: x.version for x in sorted(forward, key=lambda x: x.sent)}
+    after = {x.version for x in load.turns if rolled_at + 0.5 < x.sent < second_at}
+    assert after == {"v2"} and set(last) == set(SESSIONS)
+    assert sum(1 for k in SESSIONS if seq[k] == ["v1", "v2"]) > 150  # most met both
+    assert len(steps) >= 3 and steps[-1][0] == 1.0
+    for w, _, assigned, realised in steps:
+        assert realised == assigned  # every settled request went where its session belongs
+        assert abs(realised - w) <= 0.1, steps  # 200 sessions: ~3 standard deviations at 0.5
+    assert status["session_weight"] == 1.0 and status["split"]["v2"]["sessions"] > 0.5
+
+    # the cancel: sessions met v1 (the candidate), then every one went back to v2 and stayed
+    during = [x for x in load.turns if cancel_from - 5 < x.sent < cancelled_at]
+    assert sum(x.version == "v1" for x in during) > 0.1 * len(during)
+    back = moves([x for x in load.turns if x.sent > cancel_from + 1.0])
+    assert all(s in (["v1", "v2"], ["v2"]) for s in back.values()), back
+    assert {x.version for x in load.turns if x.sent > cancelled_at + 0.5} == {"v2"}
