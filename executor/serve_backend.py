@@ -41,6 +41,7 @@ class ServeBackend:
         self.mem = memory.model_copy(deep=True)
         self.events: list[h.Event] = []
         self.counts: dict[str, dict[str, int]] = {}
+        self.snapshot: Snapshot | None = None  # this tick's look at the cluster, once observed
         self._connected = False
 
     def clock(self) -> float:
@@ -67,7 +68,7 @@ class ServeBackend:
             traffic = router_link.traffic(self.plan)
             seen = {role: replace(v, traffic=traffic[role]) for role, v in seen.items()}
         desired = self._desired(mem, snap.time)
-        self.mem = mem
+        self.mem, self.snapshot = mem, snap
         return c.Observation(
             time=snap.time, desired=desired, current=seen[c.CURRENT], candidate=seen[c.CANDIDATE]
         )

@@ -177,6 +177,33 @@ def load(
     )  # fmt: skip
 
 
+@app.command()
+@friendly
+def export(
+    rollout_id: Annotated[str, typer.Argument(metavar="ID")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for the outputs.")],
+    requests: Annotated[
+        Path | None,
+        typer.Option(help="A `rollout load` output's requests.parquet measured during it."),
+    ] = None,
+) -> None:
+    """Write a real rollout in the files `rollout simulate` writes."""
+    from measure.export import export_command
+
+    export_command(rollout_id, out, requests)
+
+
+@app.command()
+@friendly
+def plot(
+    run: Annotated[Path, typer.Argument(metavar="DIR", help="A simulated or exported run.")],
+) -> None:
+    """Draw a run folder's plots again (timeline.png, latency.png)."""
+    from measure.runs import plot_command
+
+    plot_command(run)
+
+
 def _control_command(name: str, control: str, doc: str) -> None:
     @app.command(name=name, help=doc)
     @friendly
