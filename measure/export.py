@@ -50,7 +50,11 @@ def export_command(rollout_id: str, out: Path, requests: Path | None = None) -> 
     ended = next((e.t for e in events if isinstance(e, h.Transition) and e.phase in TERMINAL), None)
     load = _read_requests(requests, plan) if requests is not None else None
     t0 = load[1] if load is not None else started
-    req = _requests(load[0], plan) if load is not None else _no_requests()
+    req = (
+        requests_frame(load[0], {plan.from_version: "current", plan.to_version: "candidate"})
+        if load is not None
+        else _no_requests()
+    )
     if load is not None:
         _check_overlap(req, requests, started - t0, (ended or observed[-1]["t"]) - t0)
     timeline = _timeline(observed, t0)
@@ -70,7 +74,7 @@ def export_command(rollout_id: str, out: Path, requests: Path | None = None) -> 
     )
     summary |= {"rollout_id": rollout_id, "measured": True, "started_at": t0}
     shifted = [e.model_copy(update={"t": e.t - t0}) for e in events]
-    result = SimResult(summary, req, timeline, shifted, _replicas(replica_events, t0))
+    result = SimResult(summary, req, timeline, shifted, replicas_frame(replica_events, t0))
     result.summary |= rollout_figures(result)
     write_outputs(result, out, title=f"{rec.app} {rec.from_version} → {rec.to_version} (measured)")
     print(f"exported rollout {rollout_id} to {out}/")
@@ -104,8 +108,9 @@ def _read_requests(path: Path, plan: Plan) -> tuple[pd.DataFrame, float]:
     return frame, started_at
 
 
-def _requests(frame: pd.DataFrame, plan: Plan) -> pd.DataFrame:
-    """The load's rows in the simulator's columns, in arrival order: answered ones have their
+def requests_frame(frame: pd.DataFrame, names: dict[str | None, str]) -> pd.DataFrame:
+    """The load's rows in the simulator's columns (`names`: version → current or candidate),
+    in arrival order: answered ones have their
     latency and TTFT; a 429/503 is dropped (Serve's backpressure), any other failure failed;
     requests never sent (an interrupted replay) are left out."""
     error = frame["error"].fillna("") if "error" in frame else pd.Series("", index=frame.index)
@@ -113,7 +118,6 @@ def _requests(frame: pd.DataFrame, plan: Plan) -> pd.DataFrame:
     lost = frame["dropped"].to_numpy(dtype=bool)
     status_ = pd.to_numeric(frame.get("status"), errors="coerce").to_numpy(dtype=float)
     rejected = lost & np.isin(status_, REJECTED)
-    names = {plan.from_version: "current", plan.to_version: "candidate"}
     version = frame["version"].astype("object").map(lambda v: names.get(v))
     return pd.DataFrame(
         {
@@ -174,7 +178,7 @@ def _timeline(observed: list[dict[str, Any]], t0: float) -> pd.DataFrame:
     return frame.astype({c: np.int32 for c in ints}).reset_index(drop=True)
 
 
-def _replicas(rows: list[dict[str, Any]], t0: float) -> pd.DataFrame:
+def replicas_frame(rows: list[dict[str, Any]], t0: float) -> pd.DataFrame:
     """One row per replica: the simulator's columns (`gpu_s` is when it was placed on a node)
     plus `running_s` and `stopping_s`; NaN where not seen (before the recording began, or not
     yet)."""

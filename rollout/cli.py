@@ -195,6 +195,27 @@ def export(
 
 @app.command()
 @friendly
+def calibrate(
+    runs: Annotated[
+        list[Path] | None,
+        typer.Argument(metavar="[RUN_DIR]...", help="Folders `rollout export` wrote."),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", help="Directory for the fragment.")] = Path(
+        "out/calibration"
+    ),
+    probe: Annotated[
+        Path | None,
+        typer.Option(metavar="DEPLOY.yaml", help="Run a load sweep on this live deployment."),
+    ] = None,
+) -> None:
+    """Fit the simulator's engine, cold-start and health-check parameters from real runs."""
+    from measure.calibrate import calibrate_command
+
+    calibrate_command(list(runs or []), out, probe=probe)
+
+
+@app.command()
+@friendly
 def plot(
     run: Annotated[Path, typer.Argument(metavar="DIR", help="A simulated or exported run.")],
 ) -> None:

@@ -5,6 +5,7 @@ and bad input."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,7 +83,7 @@ def test_replica_lifecycles_and_counts_are_recorded_once_each(url: str) -> None:
     # one row per change of the counts (GPUs, weight, replicas), none for a repeated state
     assert len(rows) < len(ticks)
     changes = [ticks[0]]
-    for a, b in zip(ticks, ticks[1:], strict=False):
+    for a, b in itertools.pairwise(ticks):
         if b["counts"] != a["counts"]:
             changes.append(b)
     assert {r["t"] for r in rows} >= {x["t"] for x in changes}
@@ -135,10 +136,15 @@ def exported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, flo
     policy = plan.spec.rollout_policy().model_dump()
     history: list[h.Event] = [
         h.RolloutStarted(t=t0, policy=policy, desired=2, steps=2),
-        h.StepCompleted(t=t0 + 5.0, step=1, direction="forward", candidate_weight=0.5,
-                        current_replicas=1, candidate_replicas=1),  # fmt: skip
-        h.Transition(t=t0 + 6.3, phase="succeeded", stage="boundary", direction="forward",
-                     step=2),  # fmt: skip
+        h.StepCompleted(
+            t=t0 + 5.0,
+            step=1,
+            direction="forward",
+            candidate_weight=0.5,
+            current_replicas=1,
+            candidate_replicas=1,
+        ),
+        h.Transition(t=t0 + 6.3, phase="succeeded", stage="boundary", direction="forward", step=2),
     ]
     monkeypatch.setattr(status, "client", lambda url: None)
     monkeypatch.setattr(status, "read_history", lambda db, rid, offset=0: (history, 0))
@@ -220,9 +226,7 @@ def test_export_without_requests_starts_at_the_rollout(exported: tuple[Path, flo
         ("missing", "not a `rollout load` output"),
     ],
 )
-def test_bad_exports_end_in_one_line(
-    exported: tuple[Path, float], case: str, message: str
-) -> None:
+def test_bad_exports_end_in_one_line(exported: tuple[Path, float], case: str, message: str) -> None:
     tmp_path, t0 = exported
     args = ["export", "nope" if case == "unknown" else "r", "--out", str(tmp_path / "x")]
     if case == "elsewhen":
