@@ -29,7 +29,6 @@ from sim.result import TIMELINE_COLUMNS, Billing, RolloutOutcome, SimResult, sum
 
 VERSIONS = ["current", "candidate"]  # the simulator's categories, in its order
 REJECTED = (429, 503)  # Serve's backpressure answers: the simulator's "dropped"
-TERMINAL = ("succeeded", "cancelled", "failed")
 
 
 def export_command(rollout_id: str, out: Path, requests: Path | None = None) -> SimResult:
@@ -47,7 +46,7 @@ def export_command(rollout_id: str, out: Path, requests: Path | None = None) -> 
         )
     plan = Plan.model_validate_json(rec.plan)
     started = next((e.t for e in events if isinstance(e, h.RolloutStarted)), observed[0]["t"])
-    ended = next((e.t for e in events if isinstance(e, h.Transition) and e.phase in TERMINAL), None)
+    ended = next((e.t for e in events if isinstance(e, h.Finished)), None)
     load = _read_requests(requests, plan) if requests is not None else None
     t0 = load[1] if load is not None else started
     req = (

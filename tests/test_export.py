@@ -144,7 +144,7 @@ def exported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, flo
             current_replicas=1,
             candidate_replicas=1,
         ),
-        h.Transition(t=t0 + 6.3, phase="succeeded", stage="boundary", direction="forward", step=2),
+        h.Finished(t=t0 + 6.3, outcome="succeeded", reason="all traffic on the candidate"),
     ]
     monkeypatch.setattr(status, "client", lambda url: None)
     monkeypatch.setattr(status, "read_history", lambda db, rid, offset=0: (history, 0))
