@@ -5,8 +5,7 @@ What is fitted, from what a client and the controller see:
 
 - **Prefill** (`prefill_s_per_1k_tokens`): time to first token against prompt length, a line
   fitted over the requests that ran at the lowest load (the lowest quarter of batch sizes): the
-  slope is prefill time per token; the intercept is what every request pays besides (router,
-  network, the first decode iteration), reported but not a simulator parameter.
+  slope is prefill time per token; the intercept is the overhead below.
 - **Decode** (`decode_s_per_token`): time per output token, `(latency − TTFT) / (tokens − 1)`,
   against the batch it ran in. The batch is estimated per request as the requests in flight on
   its version at the middle of its decode divided by that version's ready replicas then (the
@@ -16,8 +15,14 @@ What is fitted, from what a client and the controller see:
   joining the batch, so time per token stops growing with load. A hinge
   `a + b·min(batch, K)` that fits clearly better than the line (a fifth less squared error) at
   a K below the largest batch seen gives K.
-- **Cold start**: each replica started while watched, from placed on a node to running (its
-  constructor: image, weights, warm-up), as an empirical distribution (`cold_starts.csv`).
+- **Cold start**: each replica started while watched, from the controller's scale-up that asked
+  for it to running, as an empirical distribution (`cold_starts.csv`). The simulator's cold
+  start runs from a replica's creation to serving, so it holds Serve's whole start sequence:
+  its controller creating the actor, Ray placing it, and the constructor (image, weights,
+  warm-up). Placement → running alone misses seconds (see docs/fidelity.md); replicas without
+  a recorded scale-up (`asked_s`) count from their placement.
+- **Overhead** (`service.overhead_s`): the TTFT line's intercept, what every request pays
+  outside the engine (HTTP proxy, router, network, the prefill iteration's fixed part).
 - **Health-check period**: how late readiness is noticed after Serve reports the replica
   running. The simulator notices readiness at the first health check after the cold start, on
   average half a period late, so the period is twice the mean running → ready delay (at least
@@ -51,10 +56,11 @@ MIN_PERIOD_S = 0.1  # the controller's tick: readiness is not seen more finely
 
 @dataclass(frozen=True)
 class Fit:
-    """One fit's quality: R², |residual| percentiles, and the points it used."""
+    """One fit's quality: R² (None for fewer than 3 points or no spread to explain),
+    |residual| percentiles, and the points it used."""
 
     name: str
-    r2: float
+    r2: float | None
     residual_p50: float
     residual_p90: float
     residual_p99: float
@@ -64,13 +70,15 @@ class Fit:
     def of(cls, name: str, y: np.ndarray, predicted: np.ndarray) -> Fit:
         resid = np.abs(y - predicted)
         total = float(((y - y.mean()) ** 2).sum())
-        r2 = 1.0 - float(((y - predicted) ** 2).sum()) / total if total > 0 else 1.0
+        spread = len(y) >= 3 and total > 1e-12 * max(1.0, float((y**2).sum()))
+        r2 = 1.0 - float(((y - predicted) ** 2).sum()) / total if spread else None
         p50, p90, p99 = (float(v) for v in np.percentile(resid, [50, 90, 99]))
         return cls(name, r2, p50, p90, p99, len(y))
 
     def line(self, unit: str = "s") -> str:
+        r2 = "     –" if self.r2 is None else f"{self.r2:6.3f}"
         return (
-            f"{self.name:<28} R² {self.r2:6.3f}   |residual| p50 {self.residual_p50:.4f} "
+            f"{self.name:<28} R² {r2}   |residual| p50 {self.residual_p50:.4f} "
             f"p90 {self.residual_p90:.4f} p99 {self.residual_p99:.4f} {unit}   n={self.n}"
         )
 
@@ -78,7 +86,7 @@ class Fit:
 @dataclass(frozen=True)
 class Calibration:
     prefill_s_per_1k_tokens: float
-    overhead_s: float  # TTFT's intercept: not a simulator parameter, reported
+    overhead_s: float  # TTFT's intercept: the stack's time per request outside the engine
     decode_s_per_token: dict[int, float]
     max_num_seqs: int | None
     cold_starts_s: np.ndarray
@@ -93,7 +101,11 @@ class Calibration:
             "max_num_seqs": self.max_num_seqs,
         }
         return {
-            "service": {"kind": "engine", "engine": engine},
+            "service": {
+                "kind": "engine",
+                "overhead_s": round(max(0.0, self.overhead_s), 6),
+                "engine": engine,
+            },
             "cold_start": {"kind": "empirical", "path": cold_start_path},
             "health_check": {"period_s": round(self.health_check_period_s, 4)},
         }
@@ -201,7 +213,7 @@ def _hinge(batch: np.ndarray, tpot: np.ndarray, line_sse: float, fits: list[Fit]
 
 
 def _starts(reps: list[pd.DataFrame], fits: list[Fit]) -> tuple[np.ndarray, float]:
-    """Cold starts (placed → running) and the health-check period of the watched starts."""
+    """Cold starts (scale-up → running) and the health-check period of the watched starts."""
     frame = pd.concat(reps, ignore_index=True) if reps else pd.DataFrame()
     need = {"gpu_s", "running_s", "ready_s"}
     if not len(frame) or not need <= set(frame.columns):
@@ -209,12 +221,14 @@ def _starts(reps: list[pd.DataFrame], fits: list[Fit]) -> tuple[np.ndarray, floa
     watched = frame.dropna(subset=list(need))
     if not len(watched):
         raise InputError("calibrate: no replica was seen starting (from placed to ready)")
-    cold = np.sort((watched["running_s"] - watched["gpu_s"]).to_numpy(dtype=float))
+    asked = watched["asked_s"] if "asked_s" in watched else watched["gpu_s"]
+    asked = asked.fillna(watched["gpu_s"])
+    cold = np.sort((watched["running_s"] - asked).to_numpy(dtype=float))
     late = (watched["ready_s"] - watched["running_s"]).to_numpy(dtype=float)
     period = max(MIN_PERIOD_S, 2.0 * float(late.mean()))
-    whole = (watched["ready_s"] - watched["gpu_s"]).to_numpy(dtype=float)
-    # the quality of the empirical distribution: its samples against the fitted model's mean
-    fits.append(Fit.of("placed → ready (cold+period/2)", whole, cold + period / 2.0))
+    whole = np.sort((watched["ready_s"] - asked).to_numpy(dtype=float))
+    # the model's starts (cold start + half a period) against the measured ones, in order
+    fits.append(Fit.of("scale-up → ready", whole, cold + period / 2.0))
     return cold, period
 
 
@@ -231,8 +245,7 @@ def write(cal: Calibration, out: Path) -> Path:
     HealthCheckSpec.model_validate(fragment["health_check"])
     head = (
         "# Fitted by `rollout calibrate` from measured runs; paste into a scenario (the\n"
-        "# cold-start path is relative to this file). TTFT's fixed part, not a simulator\n"
-        f"# parameter: {cal.overhead_s:.4f} s.\n"
+        "# cold-start path is relative to this file).\n"
     )
     path = out / "calibration.yaml"
     path.write_text(head + yaml.safe_dump(fragment, sort_keys=False))
@@ -244,10 +257,10 @@ def report(cal: Calibration) -> str:
     cold = cal.cold_starts_s
     lines = [
         f"prefill: {cal.prefill_s_per_1k_tokens * 1000:.2f} ms per 1k prompt tokens "
-        f"(+ {cal.overhead_s * 1000:.1f} ms fixed)",
+        f"(+ {cal.overhead_s * 1000:.1f} ms per request outside the engine: overhead_s)",
         f"time per output token by batch size: {table}",
         f"max_num_seqs: {cal.max_num_seqs if cal.max_num_seqs else 'not visible'}",
-        f"cold start (placed → running): {len(cold)} starts, p50 {np.median(cold):.2f} s, "
+        f"cold start (scale-up → running): {len(cold)} starts, p50 {np.median(cold):.2f} s, "
         f"max {cold.max():.2f} s",
         f"health-check period: {cal.health_check_period_s:.2f} s",
         "fits:",

@@ -73,7 +73,7 @@ def export_command(rollout_id: str, out: Path, requests: Path | None = None) -> 
     )
     summary |= {"rollout_id": rollout_id, "measured": True, "started_at": t0}
     shifted = [e.model_copy(update={"t": e.t - t0}) for e in events]
-    result = SimResult(summary, req, timeline, shifted, replicas_frame(replica_events, t0))
+    result = SimResult(summary, req, timeline, shifted, replicas_frame(replica_events, t0, events))
     result.summary |= rollout_figures(result)
     write_outputs(result, out, title=f"{rec.app} {rec.from_version} → {rec.to_version} (measured)")
     print(f"exported rollout {rollout_id} to {out}/")
@@ -177,25 +177,33 @@ def _timeline(observed: list[dict[str, Any]], t0: float) -> pd.DataFrame:
     return frame.astype({c: np.int32 for c in ints}).reset_index(drop=True)
 
 
-def replicas_frame(rows: list[dict[str, Any]], t0: float) -> pd.DataFrame:
+def replicas_frame(
+    rows: list[dict[str, Any]], t0: float, events: list[h.Event] | None = None
+) -> pd.DataFrame:
     """One row per replica: the simulator's columns (`gpu_s` is when it was placed on a node)
-    plus `running_s` and `stopping_s`; NaN where not seen (before the recording began, or not
-    yet)."""
+    plus `asked_s` (the controller's scale-up that created it: the latest one of its version
+    before Serve created it), `running_s` and `stopping_s`; NaN where not seen (before the
+    recording began, or not yet)."""
     columns = {"created": "created_s", "placed": "gpu_s", "running": "running_s",
                "ready": "ready_s", "stopping": "stopping_s", "stopped": "stopped_s"}  # fmt: skip
     if not rows:
         frame = pd.DataFrame(columns=["app", "replica_id", "role", *columns.values()])
     else:
-        events = pd.DataFrame(rows)
-        events = events[events["event"].isin(list(columns))]
-        events["t"] = events["t"] - t0
-        frame = events.pivot_table(
+        seen = pd.DataFrame(rows)
+        seen = seen[seen["event"].isin(list(columns))].assign(t=lambda d: d["t"] - t0)
+        frame = seen.pivot_table(
             index=["app", "replica_id", "role"], columns="event", values="t", aggfunc="min"
         ).reset_index()
         frame = frame.rename(columns=columns)
         for name in columns.values():
             if name not in frame:
                 frame[name] = np.nan
+    asked = np.full(len(frame), np.nan)
+    ups = [(e.t - t0, e.version) for e in events or [] if isinstance(e, h.Scaled)]
+    for i, (role, created) in enumerate(zip(frame["role"], frame["created_s"], strict=True)):
+        before = [t for t, v in ups if v == role and t <= created]
+        asked[i] = max(before) if before else np.nan
+    frame["asked_s"] = asked
     stopped = frame["stopped_s"].notna()
     # placed while watched, never ready, gone: a failed start (Serve stops and replaces it)
     failed = stopped & frame["ready_s"].isna() & frame["gpu_s"].notna()
@@ -204,6 +212,7 @@ def replicas_frame(rows: list[dict[str, Any]], t0: float) -> pd.DataFrame:
         {
             "replica_id": frame["replica_id"].astype(str),
             "version": pd.Categorical(frame["role"], categories=VERSIONS),
+            "asked_s": frame["asked_s"].astype(float),
             **{name: frame[name].astype(float) for name in columns.values()},
             "stop_reason": pd.Categorical(
                 reason, categories=["", "removed", "start_failed", "crashed", "drain_timeout"]

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
-from executor import store
+from executor import status, store
 from executor.deploy_file import load_deploy_file
 from measure.export import replicas_frame, requests_frame
 from measure.load import Replay, Schedule, _run, summarize
@@ -80,6 +80,10 @@ def _recorded_starts(url: str, app: str) -> list[pd.DataFrame]:
     try:
         with st.engine.connect() as c:
             ids = c.execute(sa.select(store.INDEX.c.id).where(store.INDEX.c.app == app)).all()
-        return [replicas_frame(st.replica_events(row.id), 0.0) for row in ids]
+        db = status.client(st.url)
+        return [
+            replicas_frame(st.replica_events(row.id), 0.0, status.read_history(db, row.id)[0])
+            for row in ids
+        ]
     finally:
         st.dispose()

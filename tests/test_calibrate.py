@@ -142,3 +142,21 @@ def test_refuses_too_little_to_fit(tmp_path: Path, make: object, message: str) -
     assert done.exit_code == 2, done.output
     lines = done.output.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], done.output
+
+
+def test_the_overhead_is_added_to_every_answered_request() -> None:
+    """`service.overhead_s` (the serving stack's time outside the replica) adds to each TTFT
+    and latency and changes nothing else."""
+    spec = {
+        "name": "overhead",
+        "trace": {"synthetic": {"process": "poisson", "rate_per_s": 5.0, "duration_s": 60}},
+        "service": {"kind": "deterministic", "mean_s": 0.5},
+        "fleet": {"replicas": 2, "gpu_capacity": 2, "max_ongoing_requests": 4},
+    }
+    plain = simulate(Scenario.model_validate(spec)).requests
+    spec["service"] = {**spec["service"], "overhead_s": 0.07}
+    slower = simulate(Scenario.model_validate(spec)).requests
+    assert len(plain) == len(slower) > 200
+    np.testing.assert_allclose(slower["latency_s"] - plain["latency_s"], 0.07, atol=1e-9)
+    np.testing.assert_allclose(slower["ttft_s"] - plain["ttft_s"], 0.07, atol=1e-9)
+    assert (slower["end_s"] == plain["end_s"]).all()

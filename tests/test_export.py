@@ -136,6 +136,7 @@ def exported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, flo
     policy = plan.spec.rollout_policy().model_dump()
     history: list[h.Event] = [
         h.RolloutStarted(t=t0, policy=policy, desired=2, steps=2),
+        h.Scaled(t=t0 + 1.5, version="candidate", replicas=1, reason="step 1: surge"),
         h.StepCompleted(
             t=t0 + 5.0,
             step=1,
@@ -196,6 +197,7 @@ def test_export_writes_the_simulators_files_with_its_columns(
     replicas = pd.read_parquet(out / "replicas.parquet").set_index("replica_id")
     new = replicas.loc["nlf4vh66"]
     assert new["version"] == "candidate" and new["ready_s"] > new["gpu_s"] > new["created_s"]
+    assert new["asked_s"] == pytest.approx(3.5)  # the scale-up that asked for it
     assert replicas.loc["u0re6hml", "stop_reason"] == "removed"
     requests = pd.read_parquet(out / "requests.parquet")
     assert list(requests["version"].astype(str).unique()) == ["current", "candidate"]
