@@ -28,7 +28,12 @@ from sim.api import write_outputs
 from sim.result import TIMELINE_COLUMNS, Billing, RolloutOutcome, SimResult, summarize
 
 VERSIONS = ["current", "candidate"]  # the simulator's categories, in its order
-REJECTED = (429, 503)  # Serve's backpressure answers: the simulator's "dropped"
+REJECTED = (429, 503)
+# what an interrupted replay leaves unmeasured: requests never sent, and those it cut off
+UNMEASURED = (
+    "not sent",
+    "interrupted before the answer ended",
+)  # Serve's backpressure answers: the simulator's "dropped"
 
 
 def export_command(rollout_id: str, out: Path, requests: Path | None = None) -> SimResult:
@@ -111,9 +116,9 @@ def requests_frame(frame: pd.DataFrame, names: dict[str | None, str]) -> pd.Data
     """The load's rows in the simulator's columns (`names`: version → current or candidate),
     in arrival order: answered ones have their
     latency and TTFT; a 429/503 is dropped (Serve's backpressure), any other failure failed;
-    requests never sent (an interrupted replay) are left out."""
+    what an interrupted replay did not measure (requests never sent or cut off) is left out."""
     error = frame["error"].fillna("") if "error" in frame else pd.Series("", index=frame.index)
-    frame = frame[error != "not sent"].sort_values("arrival_s", kind="stable")
+    frame = frame[~error.isin(UNMEASURED)].sort_values("arrival_s", kind="stable")
     lost = frame["dropped"].to_numpy(dtype=bool)
     status_ = pd.to_numeric(frame.get("status"), errors="coerce").to_numpy(dtype=float)
     rejected = lost & np.isin(status_, REJECTED)
