@@ -327,20 +327,16 @@ class Store:
                 c.execute(insert(REPLICA_EVENTS), replica_events)
 
     def observations(self, rollout_id: str) -> list[dict[str, Any]]:
-        with self.engine.connect() as c:
-            rows = c.execute(
-                OBSERVATIONS.select()
-                .where(OBSERVATIONS.c.rollout_id == rollout_id)
-                .order_by(OBSERVATIONS.c.t)
-            ).all()
-        return [dict(r._mapping) for r in rows]
+        return self._rows(OBSERVATIONS, rollout_id)
 
     def replica_events(self, rollout_id: str) -> list[dict[str, Any]]:
+        return self._rows(REPLICA_EVENTS, rollout_id)
+
+    def _rows(self, table: sa.Table, rollout_id: str) -> list[dict[str, Any]]:
+        """The rollout's rows of `table`, oldest first."""
         with self.engine.connect() as c:
             rows = c.execute(
-                REPLICA_EVENTS.select()
-                .where(REPLICA_EVENTS.c.rollout_id == rollout_id)
-                .order_by(REPLICA_EVENTS.c.t)
+                table.select().where(table.c.rollout_id == rollout_id).order_by(table.c.t)
             ).all()
         return [dict(r._mapping) for r in rows]
 
