@@ -98,7 +98,8 @@ def main() -> int:
     try:
         v1 = deploy_file("v1", POLICIES["surge=50"][2])
         rollout("deploy", str(v1))
-        cal = rollout("calibrate", "--probe", str(v1), "--out", str(out / "calibration"))
+        cal_dir = os.path.relpath(out / "calibration", REPO)
+        cal = rollout("calibrate", "--probe", str(v1), "--out", cal_dir)
         print(cal.stdout)
         measured = {}
         for name, (_, to, policy) in POLICIES.items():

@@ -10,7 +10,9 @@ What is fitted, from what a client and the controller see:
   against the batch it ran in. The batch is estimated per request as the requests in flight on
   its version at the middle of its decode divided by that version's ready replicas then (the
   router spreads them evenly). The table holds the median at each batch size seen (rounded);
-  its quality is a line's fit through the per-request points.
+  its quality is a line's fit through the per-request points. A batch size needs 10 requests;
+  the medians are made non-decreasing (pool adjacent violators), as iterations never get faster
+  with more sequences.
 - **max_num_seqs**, when visible: past the engine's limit extra requests wait instead of
   joining the batch, so time per token stops growing with load. A hinge
   `a + b·min(batch, K)` that fits clearly better than the line (a fifth less squared error) at
@@ -49,7 +51,7 @@ from rollout.scenario import ColdStartSpec, EngineSpec, HealthCheckSpec
 from sim.result import SimResult
 
 MIN_REQUESTS = 30  # answered requests with two tokens or more
-MIN_PER_BATCH = 3  # requests at a batch size for its median to enter the table
+MIN_PER_BATCH = 10  # requests at a batch size for its median to enter the table
 HINGE_GAIN = 0.8  # a hinge must leave at most this share of the line's squared error
 MIN_PERIOD_S = 0.1  # the controller's tick: readiness is not seen more finely
 
@@ -168,7 +170,9 @@ def fit(results: list[SimResult], reps: list[pd.DataFrame]) -> Calibration:
             "calibrate: the requests ran at one batch size only; time per token against batch "
             "size needs load at two or more (rollout calibrate --probe sweeps it)"
         )
-    table = {k: float(np.median(tpot[rounded == k])) for k in sizes}
+    medians = [float(np.median(tpot[rounded == k])) for k in sizes]
+    weights = [int((rounded == k).sum()) for k in sizes]
+    table = dict(zip(sizes, _non_decreasing(medians, weights), strict=True))
     slope, icept = np.polyfit(batch, tpot, 1)
     line = icept + slope * batch
     fits.append(Fit.of("time per output token (line)", tpot, line))
@@ -191,6 +195,19 @@ def fit(results: list[SimResult], reps: list[pd.DataFrame]) -> Calibration:
         health_check_period_s=period,
         fits=fits,
     )
+
+
+def _non_decreasing(values: list[float], weights: list[int]) -> list[float]:
+    """The closest non-decreasing sequence (weighted least squares: pool adjacent violators).
+    An iteration never gets faster with more sequences in it; a dip is noise of few requests
+    (a 2-core machine's scheduling), and the simulator would take it as a faster engine."""
+    blocks: list[list[float]] = []  # [mean, weight, count]
+    for v, w in zip(values, weights, strict=True):
+        blocks.append([v, float(w), 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m2, w2, n2), (m1, w1, n1) = blocks.pop(), blocks.pop()
+            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
+    return [m for m, _, n in blocks for _ in range(int(n))]
 
 
 def _hinge(batch: np.ndarray, tpot: np.ndarray, line_sse: float, fits: list[Fit]) -> int | None:

@@ -160,3 +160,9 @@ def test_the_overhead_is_added_to_every_answered_request() -> None:
     np.testing.assert_allclose(slower["latency_s"] - plain["latency_s"], 0.07, atol=1e-9)
     np.testing.assert_allclose(slower["ttft_s"] - plain["ttft_s"], 0.07, atol=1e-9)
     assert (slower["end_s"] == plain["end_s"]).all()
+
+
+def test_time_per_token_never_falls_with_the_batch() -> None:
+    """A dip in the medians (few requests at a size) is pooled with its neighbours, weighted."""
+    got = calibrate._non_decreasing([1.0, 3.0, 2.0, 4.0, 0.5], [1, 1, 3, 1, 1])
+    assert got == pytest.approx([1.0, 2.25, 2.25, 2.25, 2.25])
