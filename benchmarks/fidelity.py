@@ -121,7 +121,7 @@ def run_one(a, rollout, env, port: int, deploy: Path, folder: Path) -> Path:  # 
     """One real rollout under the trace replay, exported with its requests."""
     load = folder / "load"
     replay = subprocess.Popen(
-        [sys.executable, "-m", "rollout.cli", "load", str(TRACE), "--url",
+        [sys.executable, "-m", "rollout.cli", "load", str(TRACE.relative_to(REPO)), "--url",
          f"http://127.0.0.1:{port}/llm", "--time-scale", str(a.time_scale), "--start-s",
          str(a.start_s), "--duration-s", "3000", "--out", str(load)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
