@@ -46,20 +46,17 @@ def export_command(rollout_id: str, out: Path, requests: Path | None = None) -> 
         st.dispose()
     if not observed:
         raise InputError(
-            f"rollout {rollout_id} has no recorded observations (recorded by rollout's "
-            "controller from this version on)"
+            f"rollout {rollout_id} has no recorded observations (a rollout run by an older "
+            "version of rollout's controller, which did not record them)"
         )
     plan = Plan.model_validate_json(rec.plan)
     started = next((e.t for e in events if isinstance(e, h.RolloutStarted)), observed[0]["t"])
     ended = next((e.t for e in events if isinstance(e, h.Finished)), None)
-    load = _read_requests(requests, plan) if requests is not None else None
-    t0 = load[1] if load is not None else started
-    req = (
-        requests_frame(load[0], {plan.from_version: "current", plan.to_version: "candidate"})
-        if load is not None
-        else _no_requests()
-    )
-    if load is not None:
+    if requests is None:
+        t0, req = started, _no_requests()
+    else:
+        frame, t0 = _read_requests(requests, plan)
+        req = requests_frame(frame, {plan.from_version: "current", plan.to_version: "candidate"})
         _check_overlap(req, requests, started - t0, (ended or observed[-1]["t"]) - t0)
     timeline = _timeline(observed, t0)
     span = max(float(timeline["t_s"].iloc[-1]), float(req["end_s"].max()) if len(req) else 0.0)
