@@ -42,6 +42,7 @@ class ServeBackend:
         self.events: list[h.Event] = []
         self.counts: dict[str, dict[str, int]] = {}
         self.split: dict[str, dict[str, float]] = {}  # version → share of requests, sessions
+        self.snapshot: Snapshot | None = None  # this tick's look at the cluster, once observed
         self._connected = False
 
     def clock(self) -> float:
@@ -72,7 +73,7 @@ class ServeBackend:
         if sticky is not None:  # for `rollout status`: how the split really goes
             self.split = router_link.split(routed)
         desired = self._desired(mem, snap.time)
-        self.mem = mem
+        self.mem, self.snapshot = mem, snap
         return c.Observation(
             time=snap.time, desired=desired, current=seen[c.CURRENT], candidate=seen[c.CANDIDATE]
         )

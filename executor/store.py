@@ -46,6 +46,32 @@ INDEX = sa.Table(
     sa.Column("holder_info", sa.Text, nullable=True),  # JSON: pid, host, folder (for people)
     sa.Column("lease_until", sa.Float, nullable=True),  # epoch seconds, the database's clock
 )
+# What the controller observed, for `rollout export` (executor/recording.py writes them): each
+# replica's lifecycle, one row per (replica, event) with the first time it was seen, and the
+# per-version counts at every change, in the simulator's timeline columns.
+REPLICA_EVENTS = sa.Table(
+    "rollout_replica_events",
+    _META,
+    sa.Column("rollout_id", sa.String(120), primary_key=True),
+    sa.Column("app", sa.String(64), primary_key=True),
+    sa.Column("replica_id", sa.String(64), primary_key=True),
+    sa.Column("event", sa.String(16), primary_key=True),  # created placed running ready ...
+    sa.Column("role", sa.String(16), nullable=False),  # current | candidate
+    sa.Column("t", sa.Float, nullable=False),  # epoch seconds
+)
+_COUNT_COLUMNS = ("current_ready", "current_starting", "current_draining", "candidate_ready",
+                  "candidate_starting", "candidate_draining", "pending_gpu")  # fmt: skip
+OBSERVATIONS = sa.Table(
+    "rollout_observations",
+    _META,
+    sa.Column("rollout_id", sa.String(120), primary_key=True),
+    sa.Column("t", sa.Float, primary_key=True),  # epoch seconds
+    *(sa.Column(name, sa.Integer, nullable=False) for name in _COUNT_COLUMNS),
+    sa.Column("gpus_in_use", sa.Float, nullable=False),
+    sa.Column("candidate_weight", sa.Float, nullable=False),
+    sa.Column("desired_replicas", sa.Integer, nullable=False),
+    sa.Column("step", sa.Integer, nullable=False),
+)
 ONE_ACTIVE = sa.Index(
     "rollout_one_active",
     INDEX.c.app,
@@ -288,8 +314,43 @@ class Store:
                 .values(outcome=outcome, finished_at=time.time())
             )
 
+    # ---- what the controller observed -------------------------------------------------------
+
+    def record(self, observation: dict[str, Any] | None, replica_events: list[dict[str, Any]]):
+        """Add an observation row and replica events; a row already recorded (a step run again)
+        is left as it is."""
+        insert = _insert_ignore(self.engine)
+        with self.engine.begin() as c:
+            if observation is not None:
+                c.execute(insert(OBSERVATIONS).values(**observation))
+            if replica_events:
+                c.execute(insert(REPLICA_EVENTS), replica_events)
+
+    def observations(self, rollout_id: str) -> list[dict[str, Any]]:
+        return self._rows(OBSERVATIONS, rollout_id)
+
+    def replica_events(self, rollout_id: str) -> list[dict[str, Any]]:
+        return self._rows(REPLICA_EVENTS, rollout_id)
+
+    def _rows(self, table: sa.Table, rollout_id: str) -> list[dict[str, Any]]:
+        """The rollout's rows of `table`, oldest first."""
+        with self.engine.connect() as c:
+            rows = c.execute(
+                table.select().where(table.c.rollout_id == rollout_id).order_by(table.c.t)
+            ).all()
+        return [dict(r._mapping) for r in rows]
+
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _insert_ignore(engine: sa.Engine):  # type: ignore[no-untyped-def]
+    """INSERT … ON CONFLICT DO NOTHING in the store's dialect."""
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return lambda table: insert(table).on_conflict_do_nothing()
 
 
 def find(rollout_id: str) -> tuple[Store, Record]:

@@ -35,7 +35,7 @@ from typing import Any
 from dbos import DBOS, SetWorkflowID
 from pydantic import BaseModel
 
-from executor import metrics, serve_calls, store
+from executor import metrics, recording, serve_calls, store
 from executor.plan import Memory, Plan
 from executor.serve_backend import ServeBackend
 from executor.status import ACTIVE, CONTROL_TOPIC, STATUS_KEY
@@ -109,6 +109,11 @@ def iterate_step(plan_json: str, carry_json: str, controls: list[dict[str, Any]]
     carry.events = [e.model_dump(mode="json") for e in [*driver.history, *backend.events]]
     carry.status = _status(plan, carry, backend.counts, time.time(), backend.split)
     metrics.observe(carry.status, carry.events)
+    state = {"candidate_weight": backend.mem.weight, "desired": driver.state.desired,
+             "step": driver.state.step}  # fmt: skip
+    recording.record(
+        _STORE_URL or plan.store_url, plan, backend.mem, backend.snapshot, backend.counts, state
+    )
     return carry.model_dump_json()
 
 

@@ -177,6 +177,54 @@ def load(
     )  # fmt: skip
 
 
+@app.command()
+@friendly
+def export(
+    rollout_id: Annotated[str, typer.Argument(metavar="ID")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for the outputs.")],
+    requests: Annotated[
+        Path | None,
+        typer.Option(help="A `rollout load` output's requests.parquet measured during it."),
+    ] = None,
+) -> None:
+    """Write a real rollout in the files `rollout simulate` writes."""
+    from measure.export import export_command
+
+    export_command(rollout_id, out, requests)
+
+
+@app.command()
+@friendly
+def calibrate(
+    runs: Annotated[
+        list[Path] | None,
+        typer.Argument(metavar="[RUN_DIR]...", help="Folders `rollout export` wrote."),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", help="Directory for the fragment.")] = Path(
+        "out/calibration"
+    ),
+    probe: Annotated[
+        Path | None,
+        typer.Option(metavar="DEPLOY.yaml", help="Run a load sweep on this live deployment."),
+    ] = None,
+) -> None:
+    """Fit the simulator's engine, cold-start and health-check parameters from real runs."""
+    from measure.calibrate import calibrate_command
+
+    calibrate_command(list(runs or []), out, probe=probe)
+
+
+@app.command()
+@friendly
+def plot(
+    run: Annotated[Path, typer.Argument(metavar="DIR", help="A simulated or exported run.")],
+) -> None:
+    """Draw a run folder's plots again (timeline.png, latency.png)."""
+    from measure.runs import plot_command
+
+    plot_command(run)
+
+
 def _control_command(name: str, control: str, doc: str) -> None:
     @app.command(name=name, help=doc)
     @friendly

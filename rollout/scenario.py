@@ -179,6 +179,9 @@ class ServiceSpec(_Strict):
     cv: float = Field(1.0, gt=0)  # lognormal only
     llm: LlmService = LlmService()  # llm only
     engine: EngineSpec | None = None  # engine only
+    # what every request pays outside the replica (HTTP proxy, router, network): added to its
+    # TTFT and latency; `rollout calibrate` measures it
+    overhead_s: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _engine(self) -> ServiceSpec:

@@ -72,6 +72,7 @@ class Simulation:
         cand_service = cand.service if cand and cand.service else s.service
         cand_cold = cand.cold_start if cand and cand.cold_start else s.cold_start
         cand_faults = cand.faults if cand and cand.faults else s.faults
+        self.overhead_s = (s.service.overhead_s, cand_service.overhead_s)
         svc_current = service_times(s.service, self.trace, seed)
         svc_candidate = (
             svc_current
@@ -354,14 +355,16 @@ class Simulation:
         start, end, first = router.start_s, router.end_s, router.first_s
         status = router.status_of
         served = status == 0
+        # the serving stack's own time per request, outside the replica (`service.overhead_s`)
+        over = np.take(np.asarray(self.overhead_s), router.version_of)
         requests = pd.DataFrame(
             {
                 "arrival_s": arrival,
                 "start_s": start,
                 "end_s": end,
                 "wait_s": start - arrival,
-                "latency_s": np.where(served, end - arrival, np.nan),
-                "ttft_s": np.where(served, first - arrival, np.nan),
+                "latency_s": np.where(served, end - arrival + over, np.nan),
+                "ttft_s": np.where(served, first - arrival + over, np.nan),
                 "version": pd.Categorical.from_codes(
                     router.version_of, categories=list(VERSION_NAMES)
                 ),

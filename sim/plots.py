@@ -114,7 +114,8 @@ def draw_timeline(result: SimResult, axes: Sequence[Axes], *, legend: bool = Tru
     axes[1].set_ylim(-0.05, 1.05)
 
     _latency_panel(axes[2], result.requests, span)
-    axes[2].set_xlabel("simulated time (min)")
+    clock = "measured" if result.summary.get("measured") else "simulated"  # `rollout export`
+    axes[2].set_xlabel(f"{clock} time (min)")
     for a in axes:
         _mark_rollout(a, result)
         a.grid(alpha=0.3)

@@ -502,6 +502,23 @@ def test_llm_rollout_under_trace_replay(ray_cluster: RayCluster, llm: Path) -> N
     # (the generator's own capacity is measured by benchmarks/load_capacity.py)
     assert summary["send_lag_p99_s"] < 1.0
     assert "v1" in stdout and "v2" in stdout and "TTFT p50" in stdout
+    # the rollout in the simulator's files, with what the replay measured: the simulator's
+    # plotting reads it
+    rollout_id = done.stdout.splitlines()[0]
+    exported = c.cli("export", rollout_id, "--out", str(llm / "export"),
+                     "--requests", str(out / "requests.parquet"))  # fmt: skip
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    from measure.runs import read_result
+
+    run = read_result(llm / "export")
+    assert run.summary["outcome"] == "succeeded" and run.summary["rollout_duration_s"] > 0
+    assert run.summary["requests"] == len(df)  # those the interruption cut off are left out
+    last = run.timeline.iloc[-1]
+    assert (last["candidate_ready"], last["current_ready"], last["candidate_weight"]) == (2, 0, 1)
+    new = run.replicas[run.replicas["version"] == "candidate"]
+    assert len(new) == 2 and (new["created_s"] <= new["gpu_s"]).all()
+    assert (new["gpu_s"] <= new["running_s"]).all() and (new["running_s"] <= new["ready_s"]).all()
+    assert run.summary["latency_p99_rollout_s"] > 0 and (llm / "export" / "timeline.png").exists()
 
 
 # ---- sticky sessions --------------------------------------------------------------------------

@@ -1,0 +1,195 @@
+"""The fidelity experiment: real rollouts of the LLM example held against the simulator's
+predictions of them, with only calibrated parameters.
+
+1. Starts a local cluster (logical GPUs; the profile backend on the CPU) and deploys
+   examples/deploy-llm-v1.yaml with `rollout deploy`.
+2. Calibrates: `rollout calibrate --probe` (a load sweep on v1; the first deploy's replica
+   starts), writing the scenario fragment to OUT/calibration/.
+3. For each policy (surge: v1 → v2 with 50 % surge; unavailable: v2 → v1 with 50 % unavailable)
+   replays the Azure code trace from minute 4 with `rollout load` (sped up by `--time-scale`),
+   rolls out with `rollout deploy` `--lead-s` seconds into the replay, stops the replay
+   `--tail-s` seconds after the rollout, and exports the rollout with its requests
+   (`rollout export`) to OUT/runs/POLICY/measured.
+4. Simulates the same: the requests the replay sent (times and token counts, no resampling), the
+   same fleet, policy and rollout start, the calibrated engine, cold starts and health-check
+   period; written to OUT/runs/POLICY/predicted.
+5. Writes OUT/fidelity.csv (policy, metric, predicted, measured, error_pct), OUT/report.md and an
+   overlay plot per policy.
+
+The two versions run the same engine profile (v1's, with v2's own seed): the experiment tests the
+rollout's prediction, not a guess at an unseen version's speed.
+
+Usage: python benchmarks/fidelity.py [--out reports/fidelity] [--time-scale 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+TRACE = REPO / "data" / "traces" / "azure_llm_2023_code.csv"
+POLICIES = {
+    "surge=50": ("v1", "v2", {"max_surge_percent": 50, "max_unavailable_percent": 0}),
+    "unavailable=50": ("v2", "v1", {"max_surge_percent": 0, "max_unavailable_percent": 50}),
+}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=REPO / "reports" / "fidelity")
+    p.add_argument("--time-scale", type=float, default=3.0)
+    p.add_argument("--start-s", type=float, default=240.0)
+    p.add_argument("--lead-s", type=float, default=30.0)
+    p.add_argument("--tail-s", type=float, default=30.0)
+    p.add_argument("--replicas", type=int, default=2)
+    a = p.parse_args()
+
+    from executor import cluster
+
+    out = a.out.resolve()
+    tmp = Path(tempfile.mkdtemp(prefix="rollout-fidelity-"))
+    os.environ["ROLLOUT_HOME"] = str(tmp / "home")
+    os.chdir(REPO)
+    cluster.start_local(num_gpus=8, num_cpus=16)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    base = yaml.safe_load((REPO / "examples" / "deploy-llm-v1.yaml").read_text())
+
+    def deploy_file(version: str, policy: dict[str, int]) -> Path:
+        spec = json.loads(json.dumps(base))
+        spec["version"] = version
+        spec["model"]["args"] |= {"version": version, "seed": int(version[1:]),
+                                  "backend": "profile"}  # fmt: skip
+        spec["replicas"] = a.replicas
+        spec["policy"] |= policy
+        spec["cluster"] = {"num_gpus": 8}
+        spec["http"]["port"] = port
+        path = tmp / f"llm-{version}-{len(list(tmp.glob('*.yaml')))}.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        return path
+
+    def rollout(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "rollout.cli", *args]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"rollout {' '.join(args)}: {done.stdout}{done.stderr}")
+        return done
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    try:
+        v1 = deploy_file("v1", POLICIES["surge=50"][2])
+        rollout("deploy", str(v1))
+        cal_dir = os.path.relpath(out / "calibration", REPO)
+        cal = rollout("calibrate", "--probe", str(v1), "--out", cal_dir)
+        print(cal.stdout)
+        measured = {}
+        for name, (_, to, policy) in POLICIES.items():
+            measured[name] = run_one(a, rollout, env, port, deploy_file(to, policy),
+                                     out / "runs" / name)  # fmt: skip
+    finally:
+        subprocess.run([sys.executable, "-m", "rollout.cli", "down"], env=env,
+                       capture_output=True, check=False)  # fmt: skip
+        shutil.rmtree(tmp, ignore_errors=True)
+    rows = []
+    for name, folder in measured.items():
+        rows += predict_and_compare(name, folder, out)
+    write_report(a, out, rows, cal.stdout)
+    print((out / "fidelity.csv").read_text())
+    return 0
+
+
+def run_one(a, rollout, env, port: int, deploy: Path, folder: Path) -> Path:  # type: ignore[no-untyped-def]
+    """One real rollout under the trace replay, exported with its requests."""
+    load = folder / "load"
+    replay = subprocess.Popen(
+        [sys.executable, "-m", "rollout.cli", "load", str(TRACE.relative_to(REPO)), "--url",
+         f"http://127.0.0.1:{port}/llm", "--time-scale", str(a.time_scale), "--start-s",
+         str(a.start_s), "--duration-s", "3000", "--out", str(load)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(a.lead_s)
+    done = rollout("deploy", str(deploy))
+    time.sleep(a.tail_s)
+    replay.send_signal(signal.SIGINT)
+    stdout, _ = replay.communicate(timeout=300)
+    print(stdout)
+    rollout_id = done.stdout.splitlines()[0]
+    measured = folder / "measured"
+    rollout("export", rollout_id, "--out", str(measured), "--requests",
+            str(load / "requests.parquet"))  # fmt: skip
+    return measured
+
+
+def predict_and_compare(name: str, measured_dir: Path, out: Path) -> list[dict]:
+    """Simulate what was measured, with the calibrated parameters only; the comparison rows."""
+    from measure.fidelity import compare, plot_overlay
+    from measure.runs import read_result, rollout_figures
+    from rollout.scenario import Scenario
+    from sim.api import simulate, write_outputs
+
+    measured = read_result(measured_dir)
+    req = measured.requests
+    offset = float(req["arrival_s"].min())  # a trace file's first request is at 0
+    trace = measured_dir.parent / "trace.csv"
+    pd.DataFrame({
+        "arrival_s": req["arrival_s"] - offset,
+        "ContextTokens": req["context_tokens"], "GeneratedTokens": req["generated_tokens"],
+    }).to_csv(trace, index=False)  # fmt: skip
+    fragment = yaml.safe_load((out / "calibration" / "calibration.yaml").read_text())
+    fragment["cold_start"]["path"] = str(out / "calibration" / fragment["cold_start"]["path"])
+    policy = json.loads(json.dumps(measured.events[0].policy))  # the policy the rollout ran
+    s = measured.summary
+    replicas = int(measured.timeline["desired_replicas"].iloc[0])
+    scenario = Scenario.model_validate({
+        "name": f"fidelity {name}",
+        "trace": {"path": str(trace), "resample": False},
+        "fleet": {"replicas": replicas, "gpu_capacity": 8, "max_ongoing_requests": 256,
+                  "graceful_shutdown_timeout_s": 30, "request_timeout_s": 600},
+        "rollout": {"at_s": s["rollout_start_s"] - offset, "policy": policy},
+        **fragment,
+    })  # fmt: skip
+    predicted = simulate(scenario)
+    predicted.summary |= rollout_figures(predicted)
+    write_outputs(predicted, measured_dir.parent / "predicted", title=scenario.name)
+    plot_overlay(predicted, measured, out / f"overlay-{name.replace('=', '')}.png",
+                 f"{name}: measured (solid) and predicted (dashed)", shift=offset)  # fmt: skip
+    return compare(name, predicted.summary, measured.summary)
+
+
+def write_report(a, out: Path, rows: list[dict], calibration: str) -> None:  # type: ignore[no-untyped-def]
+    from measure.fidelity import table
+
+    pd.DataFrame(rows).to_csv(out / "fidelity.csv", index=False)
+    images = "\n\n".join(f"![{name}](overlay-{name.replace('=', '')}.png)" for name in POLICIES)
+    (out / "report.md").write_text(
+        f"# Fidelity: predicted against measured rollouts\n\n"
+        f"Written by `python benchmarks/fidelity.py --time-scale {a.time_scale:g}` on "
+        f"{time.strftime('%Y-%m-%d')}: the LLM example (profile backend, {a.replicas} replicas, "
+        f"logical GPUs) under the Azure code trace from {a.start_s:g} s, {a.time_scale:g}× "
+        "sped up; how it is made and read: docs/fidelity.md.\n\n"
+        f"## Calibration\n\n```\n{calibration.strip()}\n```\n\n"
+        f"## Predicted against measured\n\n{table(rows)}\n\n## Overlays\n\n{images}\n"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

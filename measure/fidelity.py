@@ -1,0 +1,135 @@
+"""A prediction held against a measurement: the fidelity table and the overlay plots.
+
+Both runs are folders with the same files (`rollout simulate`'s and `rollout export`'s); every
+figure is computed by the same code for both (`sim.result.summarize` and
+`measure.runs.rollout_figures`), so a difference is the simulator's, not the bookkeeping's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from sim.plots import CANDIDATE_COLOR, CURRENT_COLOR
+from sim.result import SimResult
+
+METRICS = (
+    "rollout_duration_s",
+    "peak_gpus",
+    "min_ready_replicas",
+    "latency_p50_rollout_s",
+    "latency_p99_rollout_s",
+    "ttft_p50_rollout_s",
+    "ttft_p99_rollout_s",
+    "latency_p99_worst60s_s",
+    "ttft_p99_worst60s_s",
+    "failed",
+)
+WINDOW_S = 30.0
+
+
+def compare(policy: str, predicted: dict[str, Any], measured: dict[str, Any]) -> list[dict]:
+    """One row per metric (steps as many as either run took): predicted, measured, and the
+    error in percent of the measurement (None where the measurement is 0 or missing)."""
+    steps = sorted(
+        {k for k in (*predicted, *measured) if k.startswith("step_duration_s_")},
+        key=lambda k: int(k.rsplit("_", 1)[1]),
+    )
+    names = [METRICS[0], *steps, *METRICS[1:]]
+    rows = []
+    for name in names:
+        p, m = predicted.get(name), measured.get(name)
+        error = None
+        if p is not None and m is not None and m != 0:
+            error = (float(p) - float(m)) / abs(float(m)) * 100.0
+        elif p is not None and m is not None and p == m:
+            error = 0.0
+        rows.append(dict(policy=policy, metric=name, predicted=p, measured=m, error_pct=error))
+    return rows
+
+
+def _windows(result: SimResult, column: str, shift: float) -> tuple[np.ndarray, np.ndarray]:
+    """p50 and p99 of `column` over served requests by 30 s arrival window."""
+    req = result.requests
+    arrival = req["arrival_s"].to_numpy(dtype=float) + shift
+    values = req[column].to_numpy(dtype=float)
+    if not len(arrival):
+        return np.zeros(0), np.zeros((2, 0))
+    edges = np.arange(0.0, arrival.max() + WINDOW_S, WINDOW_S)
+    centres, rows = [], []
+    for lo in edges:
+        chunk = values[(arrival >= lo) & (arrival < lo + WINDOW_S)]
+        chunk = chunk[~np.isnan(chunk)]
+        if len(chunk) >= 5:
+            centres.append(lo + WINDOW_S / 2)
+            rows.append(np.percentile(chunk, [50, 99]))
+    return np.array(centres), np.array(rows).T.reshape(2, -1)
+
+
+def plot_overlay(
+    predicted: SimResult, measured: SimResult, path: Path, title: str, shift: float = 0.0
+) -> None:
+    """Replicas ready per version, the weight, and p50/p99 latency and TTFT per 30 s window,
+    measured (solid) and predicted (dashed), on the measurement's clock (`shift` moves the
+    prediction onto it)."""
+    fig = Figure(figsize=(11, 9.5))
+    axes = fig.subplots(4, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1, 1.6, 1.6]})
+    styles: Sequence[tuple[str, SimResult, str, float]] = (
+        ("measured", measured, "-", 0.0),
+        ("predicted", predicted, "--", shift),
+    )
+    for label, run, ls, dt in styles:
+        tl = run.timeline
+        t = tl["t_s"].to_numpy(dtype=float) + dt
+        for version, color in (("current", CURRENT_COLOR), ("candidate", CANDIDATE_COLOR)):
+            axes[0].step(t, tl[f"{version}_ready"], where="post", color=color, ls=ls,
+                         label=f"{version} ready, {label}")  # fmt: skip
+        axes[0].step(t, tl["gpus_in_use"], where="post", color="#228833", ls=ls, lw=1,
+                     label=f"GPUs in use, {label}")  # fmt: skip
+        axes[1].step(t, tl["candidate_weight"], where="post", color=CANDIDATE_COLOR, ls=ls,
+                     label=label)  # fmt: skip
+        for ax, column in ((axes[2], "latency_s"), (axes[3], "ttft_s")):
+            x, (p50, p99) = _windows(run, column, dt)
+            ax.plot(x, p50, color=CURRENT_COLOR, ls=ls, marker=".", label=f"p50, {label}")
+            ax.plot(x, p99, color="#cc3311", ls=ls, marker=".", label=f"p99, {label}")
+        start = run.summary.get("rollout_start_s")
+        end = run.summary.get("rollout_end_s")
+        if start is not None and end is not None:
+            for ax in axes:
+                ax.axvspan(start + dt, end + dt, color="#ccbb44", alpha=0.12 if ls == "-" else 0.0,
+                           lw=0)  # fmt: skip
+                ax.axvline(end + dt, color="#888888", ls=ls, lw=0.8)
+    axes[0].set_ylabel("replicas / GPUs")
+    axes[1].set_ylabel("candidate\nweight")
+    axes[1].set_ylim(-0.05, 1.05)
+    axes[2].set_ylabel(f"latency (s)\nper {WINDOW_S:g} s window")
+    axes[3].set_ylabel(f"TTFT (s)\nper {WINDOW_S:g} s window")
+    axes[3].set_xlabel("seconds from the load's start (shaded: the measured rollout)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
+    fig.suptitle(title, x=0.01, ha="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a Markdown table."""
+
+    def fmt(v: Any) -> str:
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            return "–"
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    frame = pd.DataFrame(rows)
+    lines = ["| policy | metric | predicted | measured | error % |", "|---|---|---:|---:|---:|"]
+    for r in frame.to_dict("records"):
+        err = "–" if r["error_pct"] is None or pd.isna(r["error_pct"]) else f"{r['error_pct']:+.1f}"
+        lines.append(f"| {r['policy']} | {r['metric']} | {fmt(r['predicted'])} | "
+                     f"{fmt(r['measured'])} | {err} |")  # fmt: skip
+    return "\n".join(lines)

@@ -1,0 +1,168 @@
+"""`rollout calibrate` on small runs whose engine is known: it recovers prefill time per token,
+time per token at each batch size, the engine's sequence limit and the cold starts, writes a
+fragment the simulator runs with, and refuses inputs too small to fit with one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from measure import calibrate
+from rollout.cli import app
+from rollout.scenario import Scenario
+from sim.api import simulate, write_outputs
+from sim.result import TIMELINE_COLUMNS, SimResult
+
+PREFILL_S_PER_TOKEN = 0.00004
+OVERHEAD_S = 0.012
+REPLICAS = 2
+
+
+def tpot(batch: float, limit: int | None) -> float:
+    """The known engine: 20 ms plus 1 ms per sequence in the batch, up to `limit`."""
+    return 0.020 + 0.001 * (min(batch, limit) if limit else batch)
+
+
+def run(levels: list[int], limit: int | None = None, seed: int = 0) -> SimResult:
+    """A closed loop at each level of concurrency per replica, 2 replicas, 60 s each level:
+    every client sends its next request when the last one ends, so each request runs in a
+    batch of its level (capped at the engine's limit), with jitter of a real run."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    t0 = 0.0
+    for level in levels:
+        for _ in range(level * REPLICAS):
+            t = t0 + rng.uniform(0, 0.05)
+            while t < t0 + 60:
+                ctx = int(rng.choice([128, 512, 2048]))
+                gen = int(rng.integers(8, 64))
+                ttft = OVERHEAD_S + PREFILL_S_PER_TOKEN * ctx + rng.normal(0, 0.002)
+                lat = ttft + (gen - 1) * tpot(level, limit) * rng.normal(1, 0.03)
+                rows.append((t, t, t + lat, lat, ttft, ctx, gen))
+                t += lat
+        t0 += 70  # a pause between levels
+    df = pd.DataFrame(rows, columns=["arrival_s", "start_s", "end_s", "latency_s", "ttft_s",
+                                     "context_tokens", "generated_tokens"])  # fmt: skip
+    df = df.sort_values("arrival_s", ignore_index=True)
+    df["wait_s"] = np.nan
+    df["version"] = pd.Categorical(["current"] * len(df), categories=["current", "candidate"])
+    df["dropped"] = df["failed"] = False
+    timeline = pd.DataFrame([dict.fromkeys(TIMELINE_COLUMNS, 0)])
+    timeline["current_ready"] = REPLICAS
+    starts = rng.uniform(3.0, 4.0, 4)  # the last two replicas were not watched from their start
+    replicas = pd.DataFrame(
+        {
+            "replica_id": [str(i) for i in range(6)],
+            "created_s": 0.0,
+            "gpu_s": [1.0] * 4 + [np.nan, 1.0],
+            "running_s": [*(1.0 + starts), np.nan, np.nan],
+            "ready_s": [*(1.1 + starts), np.nan, np.nan],
+        }
+    )  # fmt: skip
+    summary = {"scenario": "measured", "span_s": t0, "rollout_start_s": None}
+    return SimResult(summary, df, timeline, [], replicas)
+
+
+def folder(tmp_path: Path, result: SimResult, name: str = "run") -> Path:
+    write_outputs(result, tmp_path / name)
+    return tmp_path / name
+
+
+def test_recovers_the_engine_and_the_starts(tmp_path: Path) -> None:
+    result = run([1, 2, 4, 8, 16, 24], limit=12)
+    cal = calibrate.fit([result], [result.replicas])
+    assert cal.prefill_s_per_1k_tokens == pytest.approx(PREFILL_S_PER_TOKEN * 1000, rel=0.05)
+    assert cal.overhead_s == pytest.approx(OVERHEAD_S, abs=0.003)
+    # each level's batch size, and a few more from the levels' ends (clients finishing)
+    assert {1, 2, 4, 8, 16, 24} <= set(cal.decode_s_per_token)
+    for k in (1, 2, 4, 8, 16, 24):
+        assert cal.decode_s_per_token[k] == pytest.approx(tpot(k, 12), rel=0.05), k
+    assert cal.max_num_seqs == 12
+    assert len(cal.cold_starts_s) == 4 and (cal.cold_starts_s >= 3).all()
+    assert cal.health_check_period_s == pytest.approx(0.2)
+    quality = {f.name: f for f in cal.fits}
+    assert quality["TTFT at low load (prefill)"].r2 > 0.95
+    assert quality["time per token (limit 12)"].r2 > quality["time per output token (line)"].r2
+
+
+def test_no_limit_is_reported_where_none_is_visible() -> None:
+    result = run([1, 2, 4, 8])
+    assert calibrate.fit([result], [result.replicas]).max_num_seqs is None
+
+
+def test_the_fragment_runs_in_the_simulator(tmp_path: Path) -> None:
+    runs = folder(tmp_path, run([1, 4, 8]))
+    done = CliRunner().invoke(app, ["calibrate", str(runs), "--out", str(tmp_path / "cal")])
+    assert done.exit_code == 0, done.output
+    assert "R²" in done.output and "time per output token by batch size: 1:" in done.output
+    fragment = yaml.safe_load((tmp_path / "cal" / "calibration.yaml").read_text())
+    fragment["cold_start"]["path"] = str(tmp_path / "cal" / fragment["cold_start"]["path"])
+    scenario = Scenario.model_validate(
+        {
+            "name": "calibrated",
+            "trace": {"synthetic": {"process": "poisson", "rate_per_s": 2.0, "duration_s": 60,
+                                    "context_tokens": 512, "generated_tokens": 32}},
+            "fleet": {"replicas": 2, "gpu_capacity": 3, "max_ongoing_requests": 64},
+            "rollout": {"at_s": 10, "policy": {"max_surge_percent": 50}},
+            **fragment,
+        }
+    )  # fmt: skip
+    sim = simulate(scenario)
+    assert sim.summary["outcome"] == "succeeded" and sim.summary["failed"] == 0
+    # an idle-ish engine: TTFT is prefill plus one iteration at batch 1
+    assert sim.summary["ttft_p50_s"] < 0.2
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: run([4]).requests.head(0), "no answered requests"),
+        (lambda: run([1]), "one batch size"),
+        (lambda: run([1, 4]).requests.head(20), "20 answered requests"),
+        (lambda: "no starts", "no replica was seen starting"),
+    ],
+)
+def test_refuses_too_little_to_fit(tmp_path: Path, make: object, message: str) -> None:
+    got = make()  # type: ignore[operator]
+    result = run([1, 4])
+    if isinstance(got, SimResult):
+        result = got
+    elif isinstance(got, pd.DataFrame):
+        result.requests = got
+    else:
+        result.replicas = result.replicas.assign(running_s=np.nan)
+    done = CliRunner().invoke(
+        app, ["calibrate", str(folder(tmp_path, result)), "--out", str(tmp_path / "cal")]
+    )
+    assert done.exit_code == 2, done.output
+    lines = done.output.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], done.output
+
+
+def test_the_overhead_is_added_to_every_answered_request() -> None:
+    """`service.overhead_s` (the serving stack's time outside the replica) adds to each TTFT
+    and latency and changes nothing else."""
+    spec = {
+        "name": "overhead",
+        "trace": {"synthetic": {"process": "poisson", "rate_per_s": 5.0, "duration_s": 60}},
+        "service": {"kind": "deterministic", "mean_s": 0.5},
+        "fleet": {"replicas": 2, "gpu_capacity": 2, "max_ongoing_requests": 4},
+    }
+    plain = simulate(Scenario.model_validate(spec)).requests
+    spec["service"] = {**spec["service"], "overhead_s": 0.07}
+    slower = simulate(Scenario.model_validate(spec)).requests
+    assert len(plain) == len(slower) > 200
+    np.testing.assert_allclose(slower["latency_s"] - plain["latency_s"], 0.07, atol=1e-9)
+    np.testing.assert_allclose(slower["ttft_s"] - plain["ttft_s"], 0.07, atol=1e-9)
+    assert (slower["end_s"] == plain["end_s"]).all()
+
+
+def test_time_per_token_never_falls_with_the_batch() -> None:
+    """A dip in the medians (few requests at a size) is pooled with its neighbours, weighted."""
+    got = calibrate._non_decreasing([1.0, 3.0, 2.0, 4.0, 0.5], [1, 1, 3, 1, 1])
+    assert got == pytest.approx([1.0, 2.25, 2.25, 2.25, 2.25])
