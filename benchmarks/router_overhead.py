@@ -77,7 +77,8 @@ def main() -> int:
     a = p.parse_args()
 
     from executor import cluster
-    from executor.serve_backend import config_lock, declarative_apps, deploy_config
+    from executor.serve_calls import config_lock, deploy
+    from executor.serve_config import declarative_apps
 
     tmp = Path(tempfile.mkdtemp(prefix="rollout-router-"))
     os.environ["ROLLOUT_HOME"] = str(tmp / "home")
@@ -112,7 +113,7 @@ def main() -> int:
                 "args": args, "deployments": [{"name": "Echo", "num_replicas": 1,
                                                "ray_actor_options": {"num_cpus": 0.1}}],
             }  # fmt: skip
-            deploy_config(apps)
+            deploy(apps)
         deadline = time.monotonic() + 60
         while serve.status().applications.get("direct") is None or (
             serve.status().applications["direct"].status != "RUNNING"

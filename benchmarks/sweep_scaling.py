@@ -28,6 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from rollout.scenario import Scenario, load_scenario
+from sim.inputs import read_inputs
 from sim.sweep import SweepPoint, SweepResult, run_sweep, simulate_point
 
 REQUIRED_SPEEDUP = 1.6
@@ -38,9 +39,10 @@ def overhead_per_point(result: SweepResult, workers: int) -> float:
 
 
 def simulate_all(scenario: Scenario, points: list[SweepPoint]) -> float:
+    inputs = read_inputs(scenario)
     t0 = time.perf_counter()
     for point in points:
-        simulate_point(scenario, point)
+        simulate_point(scenario, point, inputs)
     return time.perf_counter() - t0
 
 

@@ -9,12 +9,16 @@ It answers HTTP requests (Serve's proxy or the rollout router hands it a starlet
 - `GET /` → `{"version", "device", "replica", "loaded_s"}`
 - `POST /` with `{"inputs": [[x0, ..., x15], ...]}` → the same plus `"outputs"` (class
   probabilities per row) and `"labels"` (argmax per row).
+
+`work_s` makes every answer that much slower and `error_rate` answers that share of requests
+with a 500 at once: together a bad release for the metric guard (`examples/deploy-bad.yaml`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 _ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,12 +76,15 @@ class Weights:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, health_check_period_s=2)
 class Model:
-    def __init__(self, weights: str, load_delay_s: float = 0.0, work_s: float = 0.0) -> None:
+    def __init__(
+        self, weights: str, load_delay_s: float = 0.0, work_s: float = 0.0, error_rate: float = 0.0
+    ) -> None:
         started = time.monotonic()
         time.sleep(load_delay_s)  # stands in for pulling and loading a large model
         self.weights = Weights(resolve(weights))
         self.weights.forward(np.zeros((1, self.weights.inputs)))  # warm-up
         self.work_s = work_s
+        self.error_rate = error_rate
         self.loaded_s = round(time.monotonic() - started, 3)
         self.replica = f"{os.getpid()}"
 
@@ -94,7 +102,9 @@ class Model:
             "loaded_s": self.loaded_s,
         }
 
-    async def __call__(self, request: Request) -> dict[str, Any]:
+    async def __call__(self, request: Request) -> dict[str, Any] | JSONResponse:
+        if self.error_rate and random.random() < self.error_rate:
+            return JSONResponse({"error": "injected failure"} | self._info(), status_code=500)
         method = request.method
         try:
             body = await request.json() if method == "POST" else None

@@ -23,8 +23,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -263,56 +261,6 @@ def serve_client():  # type: ignore[no-untyped-def]
     if client is None:
         raise InputError("Serve is not running on this cluster")
     return client
-
-
-class ConfigLock:
-    """A lock with an expiry, as a named detached actor on the cluster: every writer of the
-    cluster's Serve config takes it, from whatever host, folder or store it runs (a writer
-    that dies holding it blocks the others for `ttl_s` at most)."""
-
-    def __init__(self) -> None:
-        import asyncio
-
-        self.holder: str | None = None
-        self.until = 0.0
-        self.cond = asyncio.Condition()  # bound to the actor's event loop on first use
-
-    async def acquire(self, token: str, ttl_s: float) -> None:
-        import asyncio
-
-        async with self.cond:
-            while self.holder is not None and time.time() < self.until:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.cond.wait(), max(0.01, self.until - time.time()))
-            self.holder, self.until = token, time.time() + ttl_s
-
-    async def release(self, token: str) -> None:
-        async with self.cond:
-            if self.holder == token:
-                self.holder = None
-                self.cond.notify_all()
-
-
-@contextlib.contextmanager
-def config_lock(ttl_s: float = 20.0) -> Iterator[None]:
-    """Serialise a read-modify-write of the cluster's whole declarative config (deploy_apps
-    replaces every application) with every other writer of this cluster."""
-    import ray
-
-    actor = (
-        ray.remote(ConfigLock)
-        .options(  # type: ignore[attr-defined]
-            name="rollout-config-lock", namespace=NAMESPACE, lifetime="detached",
-            get_if_exists=True, num_cpus=0,
-        )
-        .remote()
-    )  # fmt: skip
-    token = uuid.uuid4().hex
-    ray.get(actor.acquire.remote(token, ttl_s))
-    try:
-        yield
-    finally:
-        ray.get(actor.release.remote(token))
 
 
 def _stop_pid(pid: int, timeout_s: float = 30.0) -> None:

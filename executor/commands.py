@@ -10,18 +10,35 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
-from executor import cluster, rollouts, status, store
+from executor import cluster, rollouts, serve_calls, status, store
 from executor.deploy_file import DeploySpec, load_deploy_file
 from rollout import controller as c
+from rollout.driver import BackendError
 from rollout.errors import InputError
 
+T = TypeVar("T")
+
 DETACH_WAIT_S = 90.0
+CANCEL_WINDOW_S = 5.0  # after Ctrl-C, a second one this soon cancels the rollout
+
+
+def _cluster_call(fn: Callable[[], T]) -> T:
+    """A command's own call to Serve: a cluster that does not answer is one line, exit 2."""
+    try:
+        return fn()
+    except BackendError as e:
+        raise InputError(str(e)) from None
 
 
 # ---- deploy ---------------------------------------------------------------------------------
@@ -57,25 +74,21 @@ def deploy_command(path: Path, detach: bool = False) -> None:
         what = f"deploying {plan.name} {plan.to_version}"
     print(f"{what} ({spec.rollout_policy().label()})", file=sys.stderr, flush=True)
     if detach:
-        _spawn(st, plan.id, "start")
+        _detach(st, plan.id, "start")
     else:
         _run_here(st, plan.id, resume=False)
 
 
 def _plan(spec: DeploySpec, url: str):  # type: ignore[no-untyped-def]
     """The plan for this deploy file against what the cluster runs now (None: nothing to do)."""
-    from executor.serve_backend import (
-        Plan,
-        candidate_app_config,
-        ingress_deployment,
-        live_versions,
-    )
+    from executor.plan import Plan, candidate_app_config, ingress_deployment
+    from executor.serve_config import live_versions
 
     address = cluster.address_for(spec)
     assert address is not None
     cluster.connect(address)
     cluster.ensure_serve(spec.http)
-    details = cluster.serve_client().get_serve_details()
+    details = _cluster_call(serve_calls.details)
     live = live_versions(spec.name, details)
     if list(live) == [spec.version]:
         print(f"{spec.name} {spec.version} is already live; nothing to roll out", file=sys.stderr)
@@ -119,7 +132,7 @@ def _resume(t: rollouts.Tracked, detach: bool) -> None:
         return
     print(f"resuming rollout {t.id} from its last recorded step", file=sys.stderr, flush=True)
     if detach:
-        _spawn(t.store, t.id, "recover")
+        _detach(t.store, t.id, "recover")
     else:
         _run_here(t.store, t.id, resume=True)
 
@@ -142,8 +155,10 @@ def recover_command(path: Path) -> None:
 
 
 def _run_here(st: store.Store, rollout_id: str, *, resume: bool) -> None:
-    """Be the controller: run (or take over) the rollout's workflow in this process."""
-    from executor.serve_backend import Plan
+    """Be the controller: run (or take over) the rollout's workflow in this process. Ctrl-C
+    hands the rollout to a background controller (as `--detach` does) instead of leaving it
+    without one; a second Ctrl-C within `CANCEL_WINDOW_S` cancels it."""
+    from executor.plan import Plan
     from executor.workflow import ControllerProcess
 
     rec = st.get(rollout_id)
@@ -156,11 +171,37 @@ def _run_here(st: store.Store, rollout_id: str, *, resume: bool) -> None:
             proc.take_over(rollout_id, plan)
         else:
             proc.start(plan)
-        state = _follow(status.client(st.url), rollout_id)
-        proc.drain()
+        try:
+            state = _follow(status.client(st.url), rollout_id)
+            proc.drain()
+        except KeyboardInterrupt:
+            again = threading.Event()  # a further Ctrl-C from now on cancels the rollout
+            signal.signal(signal.SIGINT, lambda *_: again.set())
+            logging.getLogger("dbos").setLevel(logging.CRITICAL)  # the cut-off step is no news
+            proc.close()  # stops this controller and frees the lease for the next one
+            _hand_over(st, rollout_id, again)
     finally:
         proc.close()
     _finish(rollout_id, state)
+
+
+def _hand_over(st: store.Store, rollout_id: str, again: threading.Event) -> None:
+    """After Ctrl-C: a background controller takes the rollout over; one line says so. Any
+    further Ctrl-C (`again`, up to `CANCEL_WINDOW_S` after that line) cancels the rollout.
+    The process then ends at once (os._exit), as a killed controller would: whatever step was
+    in flight here is run again by the next controller from its recorded input."""
+    pid, log = _spawn(st, rollout_id, "recover")
+    print(
+        f"interrupted: rollout {rollout_id} continues in a background controller (pid {pid}, "
+        f"log {log}); follow it with `rollout status {rollout_id}`, or press Ctrl-C again "
+        f"within {CANCEL_WINDOW_S:g} s to cancel it",
+        file=sys.stderr,
+        flush=True,
+    )
+    if again.wait(CANCEL_WINDOW_S):
+        print(rollouts.find(rollout_id).send(c.Control.CANCEL), file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(130)
 
 
 def _follow(db: object, rollout_id: str) -> str:
@@ -190,8 +231,16 @@ def _finish(rollout_id: str, state: str) -> None:
         raise SystemExit(1)
 
 
-def _spawn(st: store.Store, rollout_id: str, mode: str) -> None:
-    """Hand the rollout to a detached controller process and wait until it has it."""
+def _detach(st: store.Store, rollout_id: str, mode: str) -> None:
+    pid, _ = _spawn(st, rollout_id, mode)
+    print(
+        f"controller pid {pid} runs it; follow with `rollout status {rollout_id}`", file=sys.stderr
+    )
+
+
+def _spawn(st: store.Store, rollout_id: str, mode: str) -> tuple[int, str]:
+    """Hand the rollout to a detached controller process and wait until it has it; its pid
+    and log file."""
     logs = store.home() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log = (logs / f"{rollout_id}.log").open("a")
@@ -207,11 +256,7 @@ def _spawn(st: store.Store, rollout_id: str, mode: str) -> None:
     while time.monotonic() < deadline:
         wf, _ = status.workflow_state(db, rollout_id)
         if wf is not None and (wf not in status.ACTIVE or st.lease(rollout_id).live):
-            print(
-                f"controller pid {proc.pid} runs it; follow with `rollout status {rollout_id}`",
-                file=sys.stderr,
-            )
-            return
+            return proc.pid, log.name
         if proc.poll() is not None:
             raise InputError(f"the controller process exited early; see {log.name}")
         time.sleep(0.2)
@@ -279,7 +324,7 @@ def down_command(path: Path | None = None) -> None:
         cluster.stop_local()
         print("removed every application and stopped the local Ray cluster")
         return
-    from executor.serve_backend import declarative_apps, remove_apps
+    from executor.serve_config import declarative_apps
 
     spec = load_deploy_file(path)
     address = cluster.address_for(spec, start=False)
@@ -290,11 +335,11 @@ def down_command(path: Path | None = None) -> None:
         print(f"no cluster runs {spec.name}")
         return
     cluster.connect(address)
-    removed = remove_apps(spec.name)
+    removed = _cluster_call(lambda: serve_calls.remove_apps(spec.name))
     print(f"removed {', '.join(removed)}" if removed else f"{spec.name} was not deployed")
     local = cluster.local_cluster()
     if local and local.address == address:
-        left = declarative_apps(cluster.serve_client().get_serve_details())
+        left = declarative_apps(_cluster_call(serve_calls.details))
         if not left:
             import ray
 

@@ -39,12 +39,12 @@ class Tracked:
 
     @property
     def in_progress(self) -> bool:
-        return self.rec.outcome is None and self.workflow in (*status.ACTIVE, None)
+        return self.rec.outcome is None and self.workflow in (*status.RESUMABLE, None)
 
     @property
     def running(self) -> bool:
         """A controller holds a live lease on it."""
-        return self.in_progress and self.lease.live
+        return self.in_progress and self.lease.live and self.workflow != "ERROR"
 
     def status(self) -> dict[str, Any]:
         return status.read_status(self.db, self.rec, self.lease)
@@ -71,10 +71,11 @@ def open_store(spec: DeploySpec, path: Path) -> tuple[store.Store, DBOSClient]:
 
 
 def track(st: store.Store, db: DBOSClient, rec: store.Record) -> Tracked:
-    """The rollout now; an index row whose workflow has ended gets its outcome recorded."""
+    """The rollout now; an index row whose workflow has ended gets its outcome recorded. A
+    workflow that raised (DBOS's ERROR) has not ended: `rollout recover` resumes it."""
     wf, _ = status.workflow_state(db, rec.id)
     got = Tracked(st, db, rec, wf, st.lease(rec.id))
-    if rec.outcome is None and wf is not None and wf not in status.ACTIVE:
+    if rec.outcome is None and wf is not None and wf not in status.RESUMABLE:
         outcome = {"CANCELLED": "cancelled", "SUCCESS": None}.get(wf, "failed")
         if outcome is None:
             state = got.status()["state"]

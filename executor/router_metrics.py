@@ -17,6 +17,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from rollout.guard import Traffic
+
 BASE_S = 1e-4  # the first bucket's lower edge; shorter times land in bucket 0
 GROWTH = 1.04  # each bucket is 4 % wider than the one before
 _LOG_GROWTH = math.log(GROWTH)
@@ -186,5 +188,21 @@ def summarize(snapshot: dict[str, Any]) -> dict[str, VersionMetrics]:
             ttfb_p99_s=quantile(ttfb, 0.99),
             latency_p50_s=quantile(latency, 0.5),
             latency_p99_s=quantile(latency, 0.99),
+        )
+    return out
+
+
+def guard_traffic(snapshot: dict[str, Any], versions: dict[str, str | None]) -> dict[str, Traffic]:
+    """The controller's per-role traffic (`versions`: role → version name) from a merged
+    snapshot: requests, failures (5xx and errors), latency and time-to-first-byte p99. A role
+    with no version, or no request in the window, gets an empty `Traffic`."""
+    metrics = summarize(snapshot)
+    out = {}
+    for role, version in versions.items():
+        m = metrics.get(version) if version else None
+        out[role] = (
+            Traffic()
+            if m is None
+            else Traffic(m.requests, m.failures, m.latency_p99_s, m.ttfb_p99_s)
         )
     return out

@@ -15,10 +15,11 @@ from dbos import DBOSClient
 from executor import store
 from rollout import history as h
 
-HISTORY_STEPS = ("begin_step", "iterate_step")
+HISTORY_STEPS = ("begin_step", "iterate_step", "finish_step")
 CONTROL_TOPIC = "control"  # DBOS message topic the workflow receives controls on
 STATUS_KEY = "status"  # DBOS event the workflow publishes its status under
 ACTIVE = ("PENDING", "ENQUEUED")
+RESUMABLE = (*ACTIVE, "ERROR")  # ERROR: the workflow raised; `rollout recover` resumes it
 TERMINAL = ("succeeded", "cancelled", "failed")
 
 
@@ -65,8 +66,6 @@ def read_status(db: DBOSClient, rec: store.Record, lease: store.Lease) -> dict[s
         status["state"] = rec.outcome  # e.g. taken down by `rollout down`
     elif wf == "CANCELLED" and status["state"] not in TERMINAL:
         status["state"] = "cancelled"
-    elif wf == "ERROR" and status["state"] not in TERMINAL:
-        status["state"] = "failed"
     status["controller"] = {
         "workflow": wf,
         "executor": executor,
@@ -93,9 +92,22 @@ def format_event(e: h.Event) -> str:
         if isinstance(v, float):
             v = f"{v:.4g}"
         elif isinstance(v, dict):
-            v = ",".join(f"{a}={b:g}" for a, b in v.items())
+            v = _fields(v)
         parts.append(f"{k}={v}")
     return f"{_clock(e.t)}  {e.kind:<16} " + "  ".join(parts)
+
+
+def _fields(d: dict[str, Any]) -> str:
+    """`a=1,b=2` for a policy; unset (None) fields left out, a nested one (the guard) braced."""
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.append(f"{k}={{{_fields(v)}}}")
+        elif isinstance(v, int | float) and not isinstance(v, bool):
+            out.append(f"{k}={v:g}")
+        elif v is not None:
+            out.append(f"{k}={v}")
+    return ",".join(out)
 
 
 def format_status(s: dict[str, Any]) -> str:

@@ -15,7 +15,7 @@ import traceback
 
 def main(argv: list[str]) -> int:
     from executor import cluster, store
-    from executor.serve_backend import Plan
+    from executor.plan import Plan
     from executor.workflow import ControllerProcess
 
     mode, rollout_id = argv

@@ -1,7 +1,12 @@
 """The rollout as a durable DBOS workflow: each controller iteration is one recorded step.
 
     workflow(plan):  begin  →  loop { recv controls (the tick's sleep)  →  iterate  }  →  finish
-    iterate:         controls → observe Serve → controller.decide → apply → new state + events
+    iterate:         controls → Driver.tick(ServeBackend) → new state, error count + events
+
+First deploys and rollouts alike run the one controller through `rollout.driver.Driver`; the
+driver's state and its count of failed iterations are carried from step to step. A failure of
+the cluster is an observation (the controller waits, then fails and rolls back); an iteration
+that raises anyway counts as a failed one, so the workflow always reaches its finish step.
 
 Each step's output (the controller state, the backend's bookkeeping and the step's new history
 events) is checkpointed in the store before the next begins. After a crash DBOS re-runs the
@@ -25,17 +30,18 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Literal
+from typing import Any
 
 from dbos import DBOS, SetWorkflowID
 from pydantic import BaseModel
 
-from executor import metrics, store
-from executor.serve_backend import Memory, Plan, ServeBackend, remove_apps
+from executor import metrics, serve_calls, store
+from executor.plan import Memory, Plan
+from executor.serve_backend import ServeBackend
 from executor.status import ACTIVE, CONTROL_TOPIC, STATUS_KEY
 from rollout import controller as c
 from rollout import history as h
-from rollout.planner import step_count
+from rollout.driver import BackendError, Driver
 
 APP_VERSION = "rollout-executor-1"  # fixed, so a restarted controller recovers older runs
 _STORE_URL = ""  # this controller's store, with its password (the plan holds it masked)
@@ -46,28 +52,22 @@ def tick_s() -> float:
     return float(os.environ.get("ROLLOUT_TICK_S", "0.2"))
 
 
-class InstallState(BaseModel):
-    """A first deploy (nothing live before): start the replicas, then open the router."""
-
-    started_at: float
-    phase: str = c.Phase.PROGRESSING.value
-    stage: str = c.Stage.SCALE_UP.value
-    waiting: str = ""
-
-    @property
-    def terminal(self) -> bool:
-        return c.Phase(self.phase).terminal
-
-
 class Carry(BaseModel):
-    """What one step hands the next; recorded as the step's output."""
+    """What one step hands the next; recorded as the step's output. `state`, `errors` and
+    `error` are the driver's (rollout/driver.py), so a failing backend's count survives a
+    restarted controller too."""
 
-    kind: Literal["rollout", "install"]
-    state: str
+    state: str  # the controller's `RolloutState`, as JSON
+    errors: int = 0  # consecutive failed iterations
+    error: str = ""  # the last failure's message
     memory: Memory
     events: list[dict[str, Any]] = []
     status: dict[str, Any] = {}
     outcome: str | None = None
+    controls: list[dict[str, Any]] = []  # received by an iteration that raised: not yet seen
+
+    def driver(self) -> Driver:
+        return Driver(c.RolloutState.from_json(self.state), [], self.errors, self.error)
 
 
 # ---- steps ----------------------------------------------------------------------------------
@@ -78,181 +78,88 @@ def begin_step(plan_json: str) -> str:
     plan = Plan.model_validate_json(plan_json)
     now = time.time()
     policy = plan.spec.rollout_policy()
-    if plan.from_version is None:
-        st = InstallState(started_at=now)
-        events: list[h.Event] = [
-            h.RolloutStarted(t=now, policy=policy.model_dump(), desired=plan.spec.replicas, steps=1)
-        ]
-        carry = Carry(kind="install", state=st.model_dump_json(), memory=Memory())
-    else:
-        state, events = c.start(policy, plan.desired_start, now)
-        memory = Memory(targets={c.CURRENT: plan.desired_start, c.CANDIDATE: 0}, weight=0.0)
-        carry = Carry(kind="rollout", state=state.to_json(), memory=memory)
-    carry.events = [e.model_dump(mode="json") for e in events]
+    desired = plan.spec.replicas if plan.first_deploy else plan.desired_start
+    driver = Driver.begin(policy, desired, now, first_deploy=plan.first_deploy)
+    current = 0 if plan.first_deploy else plan.desired_start
+    memory = Memory(targets={c.CURRENT: current, c.CANDIDATE: 0}, weight=0.0)
+    carry = Carry(state=driver.state.to_json(), memory=memory)
+    carry.events = [e.model_dump(mode="json") for e in driver.history]
     carry.status = _status(plan, carry, {}, now)
     metrics.observe(carry.status, carry.events)
     return carry.model_dump_json()
 
 
-@DBOS.step(retries_allowed=True, max_attempts=10, interval_seconds=1.0, backoff_rate=1.5)
+# A failure of the cluster is an observation (the driver counts it); only a bug makes the step
+# raise, and it is tried once more before the workflow counts it as a failed iteration too.
+@DBOS.step(retries_allowed=True, max_attempts=2, interval_seconds=1.0)
 def iterate_step(plan_json: str, carry_json: str, controls: list[dict[str, Any]]) -> str:
     plan = Plan.model_validate_json(plan_json)
     carry = Carry.model_validate_json(carry_json)
+    driver = carry.driver()
     backend = ServeBackend(plan, carry.memory)
-    if carry.kind == "install":
-        events = _install_tick(plan, carry, backend, controls)
-    else:
-        events = _rollout_tick(carry, backend, controls)
-    events.extend(backend.events)
+    now = backend.clock()
+    for msg in controls:
+        driver.control(c.Control(msg["control"]), now)
+    driver.tick(backend)
+    carry.state = driver.state.to_json()
+    carry.errors, carry.error = driver.errors, driver.error
+    if driver.done:
+        carry.outcome = driver.state.phase.value
     carry.memory = backend.mem
-    carry.events = [e.model_dump(mode="json") for e in events]
+    carry.events = [e.model_dump(mode="json") for e in [*driver.history, *backend.events]]
     carry.status = _status(plan, carry, backend.counts, time.time())
     metrics.observe(carry.status, carry.events)
     return carry.model_dump_json()
 
 
 @DBOS.step(retries_allowed=True, max_attempts=5, interval_seconds=1.0)
-def finish_step(plan_json: str, outcome: str) -> None:
+def finish_step(plan_json: str, outcome: str, reason: str = "") -> str:
+    """Close the rollout's record. A failed first deploy leaves nothing behind (its router
+    included); `reason` is set only when the workflow gave up on its controller (a bug that
+    kept every iteration from running), recorded as the rollout's `finished` event."""
     plan = Plan.model_validate_json(plan_json)
-    if plan.from_version is None and outcome != c.Phase.SUCCEEDED.value:
-        ServeBackend(plan, Memory())  # connects
-        remove_apps(plan.name)  # a failed first deploy leaves nothing behind, router included
+    events: list[h.Event] = []
+    if reason:
+        events.append(h.Finished(t=time.time(), outcome=outcome, reason=reason))
+    if plan.first_deploy and outcome != c.Phase.SUCCEEDED.value:
+        try:
+            serve_calls.connect(plan.address)
+            serve_calls.remove_apps(plan.name)
+        except BackendError as e:  # the record still closes; `rollout down` removes them
+            print(f"could not remove {plan.name}'s applications: {e}", file=sys.stderr)
     st = store.Store(_STORE_URL or plan.store_url)
     try:
         st.finish(plan.id, outcome)
     finally:
         st.dispose()
-
-
-def _rollout_tick(carry: Carry, backend: ServeBackend, controls: list[dict[str, Any]]) -> list:
-    state = c.RolloutState.from_json(carry.state)
-    events: list[h.Event] = []
-    now = time.time()
-    for msg in controls:
-        state, got = c.control(state, c.Control(msg["control"]), now)
-        events.extend(got)
-    decision = c.decide(state, backend.observe())
-    backend.apply(decision.actions)
-    events.extend(decision.events)
-    carry.state = decision.state.to_json()
-    if decision.state.terminal:
-        carry.outcome = decision.state.phase.value
-    return events
-
-
-def _install_tick(
-    plan: Plan, carry: Carry, backend: ServeBackend, controls: list[dict[str, Any]]
-) -> list:
-    st = InstallState.model_validate_json(carry.state)
-    events: list[h.Event] = []
-    now = time.time()
-    stop = ""
-    for msg in controls:
-        name = msg["control"]
-        events.append(h.ControlReceived(t=now, control=name))
-        if name in (c.Control.CANCEL.value, c.Control.FORCE_CANCEL.value):
-            events.append(h.ControlApplied(t=now, control=name))
-            stop = stop or name
-        else:
-            reason = "a first deploy has no steps to pause or roll forward"
-            events.append(h.ControlIgnored(t=now, control=name, reason=reason))
-    obs = backend.observe()
-    n = obs.desired
-    actions: list[c.Action] = []
-    deadline = plan.spec.rollout_policy().progress_deadline_seconds
-
-    def transition(stage: c.Stage, phase: c.Phase, reason: str) -> None:
-        st.stage, st.phase = stage.value, phase.value
-        events.append(
-            h.Transition(
-                t=now, phase=phase.value, stage=stage.value, direction="forward", step=0,
-                reason=reason,
-            )
-        )  # fmt: skip
-
-    def finish(outcome: c.Phase, reason: str) -> None:
-        if backend.mem.targets.get(c.CANDIDATE, 0):
-            actions.append(c.ScaleTo(c.CANDIDATE, 0))
-            events.append(h.Scaled(t=now, version=c.CANDIDATE, replicas=0, reason=reason))
-        actions.append(c.Finish(outcome))
-        events.append(h.Finished(t=now, outcome=outcome.value, reason=reason))
-        st.phase, st.stage = outcome.value, c.Stage.DONE.value
-
-    if stop:
-        finish(c.Phase.CANCELLED, f"{stop}: first deploy of {plan.to_version} withdrawn")
-    elif st.stage == c.Stage.SCALE_UP.value:
-        actions.append(c.ScaleTo(c.CANDIDATE, n))
-        why = f"first deploy of {plan.to_version}"
-        events.append(h.Scaled(t=now, version=c.CANDIDATE, replicas=n, reason=why))
-        transition(c.Stage.WAIT_HEALTHY, c.Phase.PROGRESSING, "replicas starting")
-    elif obs.candidate.ready >= n:
-        actions += [c.SetWeight(1.0), c.Finish(c.Phase.SUCCEEDED)]
-        events.append(h.WeightSet(t=now, candidate_weight=1.0, reason=f"{n} replicas healthy"))
-        events.append(
-            h.StepCompleted(
-                t=now, step=1, direction="forward", candidate_weight=1.0, current_replicas=0,
-                candidate_replicas=n,
-            )
-        )  # fmt: skip
-        events.append(h.Finished(t=now, outcome="succeeded", reason=f"{plan.to_version} serving"))
-        st.phase, st.stage = c.Phase.SUCCEEDED.value, c.Stage.DONE.value
-    elif now - st.started_at > deadline:
-        finish(
-            c.Phase.FAILED,
-            f"first deploy exceeded its progress deadline of {deadline:g} s: "
-            f"{obs.candidate.ready} of {n} replicas ready",
-        )
-    else:
-        o = obs.candidate
-        why = (
-            f"{o.pending_gpu} replicas wait for a free GPU"
-            if o.pending_gpu
-            else f"waiting for {n - o.ready} replicas to become healthy"
-        )
-        if why != st.waiting:
-            st.waiting = why
-            events.append(h.Waiting(t=now, reason=why))
-    backend.apply(actions)
-    carry.state = st.model_dump_json()
-    if st.terminal:
-        carry.outcome = st.phase
-    return events
+    return json.dumps({"events": [e.model_dump(mode="json") for e in events]})
 
 
 def _status(plan: Plan, carry: Carry, counts: dict[str, dict[str, int]], now: float) -> dict:
     """What `rollout status` prints (the controller fields plus observed replica counts)."""
-    if carry.kind == "install":
-        st = InstallState.model_validate_json(carry.state)
-        state, stage, step, steps = st.phase, st.stage, int(st.terminal), 1
-        weight = carry.memory.weight
-        targets = {c.CANDIDATE: carry.memory.targets.get(c.CANDIDATE, 0)}
-        waiting = st.waiting
-    else:
-        rs = c.RolloutState.from_json(carry.state)
-        summary = rs.summary()
-        state, stage, step = rs.phase.value, rs.stage.value, rs.step
-        steps = step_count(rs.policy, rs.desired)
-        weight = rs.candidate_weight
-        targets = {c.CURRENT: rs.current_target, c.CANDIDATE: rs.candidate_target}
-        waiting = str(summary.get("waiting") or summary.get("reason") or "")
+    rs = c.RolloutState.from_json(carry.state)
+    summary = rs.summary()
+    targets = {c.CURRENT: rs.current_target, c.CANDIDATE: rs.candidate_target}
     replicas: dict[str, dict[str, int]] = {}
     for role, target in targets.items():
         version = plan.version(role)
         if version:
             replicas[version] = {"target": target, **counts.get(role, {})}
+    waiting = str(summary.get("waiting") or summary.get("reason") or "")
     return {
         "id": plan.id,
         "app": plan.name,
         "from_version": plan.from_version,
         "to_version": plan.to_version,
-        "kind": "first deploy" if carry.kind == "install" else "rollout",
-        "state": state,
-        "stage": stage,
-        "step": step,
-        "steps": steps,
-        "candidate_weight": weight,
+        "kind": "first deploy" if plan.first_deploy else "rollout",
+        "state": rs.phase.value,
+        "stage": rs.stage.value,
+        "step": rs.step,
+        "steps": rs.planned_steps,
+        "candidate_weight": rs.candidate_weight,
         "replicas": replicas,
-        "waiting": "" if c.Phase(state).terminal else waiting,
+        "waiting": "" if rs.phase.terminal else waiting,
+        "error": carry.error,
         "policy": plan.spec.rollout_policy().label(),
         "updated_at": now,
     }
@@ -281,17 +188,40 @@ def _publish(before: Carry | None, after: Carry) -> None:
         DBOS.set_event(STATUS_KEY, json.dumps(after.status))
 
 
+def _give_up_after(plan: Plan) -> int:
+    """Iterations in a row that raised (a bug, not a cluster failure) before the workflow
+    stops: past the controller's own limit (it rolls back there) with room for the rollback."""
+    return 3 * (plan.spec.rollout_policy().max_backend_errors + 1)
+
+
 @DBOS.workflow(name="rollout")
 def rollout_workflow(plan_json: str) -> str:
+    """Always reaches `finish_step`: an iteration that raised counts as a failed one."""
+    plan = Plan.model_validate_json(plan_json)
     carry = Carry.model_validate_json(begin_step(plan_json))
     _publish(None, carry)
+    reason = ""
     while carry.outcome is None:
-        controls = _receive()
+        controls = [*carry.controls, *_receive()]
         prev = carry
-        carry_in = carry.model_dump_json(exclude={"events", "status"})
-        carry = Carry.model_validate_json(iterate_step(plan_json, carry_in, controls))
+        carry_in = carry.model_dump_json(exclude={"events", "status", "controls"})
+        try:
+            carry = Carry.model_validate_json(iterate_step(plan_json, carry_in, controls))
+        except Exception as e:  # recorded by DBOS as the step's error: replays the same way
+            error = f"{type(e).__name__}: {e}"[:500]
+            update = {"errors": prev.errors + 1, "error": error, "controls": controls}
+            carry = prev.model_copy(update=update)  # its controls go to the next iteration
+            if carry.errors > _give_up_after(plan):
+                reason = (
+                    f"the controller could not run {carry.errors} iterations in a row "
+                    f"(last: {error}); check the cluster and `rollout status`"
+                )
+                carry.outcome = c.Phase.FAILED.value
+                carry.status = {**carry.status, "state": carry.outcome, "waiting": ""}
         _publish(prev, carry)
-    finish_step(plan_json, carry.outcome)
+    events = json.loads(finish_step(plan_json, carry.outcome, reason))["events"]
+    if events:
+        metrics.observe(carry.status, events)
     return carry.outcome
 
 
@@ -366,17 +296,36 @@ class ControllerProcess:
     def take_over(self, rollout_id: str, plan: Plan) -> str:
         """Resume a rollout whose controller's lease expired; says what happened."""
         status = DBOS.get_workflow_status(rollout_id)
-        if status is not None and status.status not in ACTIVE:
+        if status is not None and status.status not in (*ACTIVE, "ERROR"):
             return "ended"
         if not self._take(rollout_id):
             return "alive"
+        if status is not None and status.status == "ERROR":
+            self._reopen(rollout_id)  # a workflow that raised: resume it from its steps
         if status is None:  # its controller died before starting it
             with SetWorkflowID(plan.id):
                 DBOS.start_workflow(rollout_workflow, plan.model_dump_json())
             return "started"
-        if status.status == "PENDING" and status.executor_id != self.executor_id:
+        if status.status in ("PENDING", "ERROR") and status.executor_id != self.executor_id:
             DBOS._recover_pending_workflows([status.executor_id])  # re-run here from its steps
         return "recovered"
+
+    def _reopen(self, rollout_id: str) -> None:
+        """Mark a workflow DBOS ended in ERROR as PENDING again, so recovery re-runs it from
+        its recorded steps (its failed step replays as the failed iteration it was). DBOS's
+        `resume_workflow` leaves ERROR workflows alone and `fork_workflow` would give the
+        rollout a new id, so this one row of DBOS's status table is changed here."""
+        import sqlalchemy as sa
+        from dbos._dbos import _get_dbos_instance
+
+        sys_db = _get_dbos_instance()._sys_db
+        table = sys_db.tables.workflow_status
+        with sys_db.engine.begin() as conn:
+            conn.execute(
+                sa.update(table)
+                .where(table.c.workflow_uuid == rollout_id, table.c.status == "ERROR")
+                .values(status="PENDING", recovery_attempts=0, error=None, output=None)
+            )
 
     def outcome(self, rollout_id: str) -> str:
         return str(DBOS.retrieve_workflow(rollout_id).get_result())
@@ -393,6 +342,9 @@ class ControllerProcess:
             time.sleep(0.5)
 
     def close(self) -> None:
+        """Stop this controller and free its leases (again: nothing happens)."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         DBOS.destroy()
         for rollout_id in self.held:

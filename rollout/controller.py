@@ -16,6 +16,11 @@ all N candidates, with the same deadline, failed-start limit and controls. Failu
 backend arrive as part of the observation (`errors`, `error`, `seen`); too many in a row fail
 the rollout and roll it back, as a missed deadline does.
 
+The metric guard (`policy.guard`) judges the candidate's traffic over a sliding window, which the
+backend measures and hands over in the observation (`VersionObservation.traffic`): a breach
+while rolling forward cancels the rollout (or force-cancels it), paused or not; a step boundary
+records the window's verdict before the next step starts (`rollout/guard.py`).
+
 Targets are absolute replica counts (scale to N, never by a delta), so replaying a decision or
 retrying an action is harmless: after a failed iteration the next decision first applies the
 recorded state again.
@@ -30,6 +35,7 @@ from pydantic import TypeAdapter
 
 from rollout import history as h
 from rollout.capacity import cap_desired
+from rollout.guard import Outcome, Traffic, Verdict, judge
 from rollout.planner import (
     candidate_share,
     headroom,
@@ -85,13 +91,16 @@ class Control(StrEnum):
 
 @dataclass(frozen=True)
 class VersionObservation:
-    """One version's replicas as the backend sees them. `pending_gpu` is part of `starting`."""
+    """One version's replicas as the backend sees them, and its traffic over the guard's window
+    (what a backend without metrics leaves empty: the guard then never has enough requests).
+    `pending_gpu` is part of `starting`."""
 
     ready: int = 0
     starting: int = 0
     draining: int = 0
     failed_starts: int = 0  # cumulative since the rollout began
     pending_gpu: int = 0
+    traffic: Traffic = field(default_factory=Traffic)
 
     @property
     def holding(self) -> int:
@@ -166,6 +175,7 @@ class RolloutState:
     pending: tuple[Control, ...] = field(default_factory=tuple)
     first_deploy: bool = False  # nothing served before: the current version has no replica
     capped: str = ""  # why the pool is smaller than desired (rollout/capacity.py), or ""
+    guard_breach: str = ""  # what tripped the metric guard (it judges nothing more)
 
     def target(self, version: str) -> int:
         return self.current_target if version == CURRENT else self.candidate_target
@@ -251,6 +261,7 @@ def decide(state: RolloutState, obs: Observation) -> Decision:
             run.reassert()
         run.resize()
         run.take_controls()
+        run.guard()
         run.advance()
         run.guard_weight()
     return Decision(run.state(), tuple(run.actions), tuple(run.events))
@@ -273,6 +284,7 @@ class _Run:
         self.live: dict[str, int] = {}
         self.dropped = {CURRENT: 0, CANDIDATE: 0}
         self.low: dict[str, int] = {}
+        self.verdict: Verdict | None = None  # the metric guard's, when it judged
         for v in (CURRENT, CANDIDATE):
             o = obs.of(v)
             self.live[v] = max(o.ready + o.starting, state.target(v))
@@ -530,13 +542,7 @@ class _Run:
                     "cancel", "cancel: withdrawing the first deploy", "superseded by cancel"
                 )
                 return ""
-            self._drop_requests("superseded by cancel")
-            self._update(direction=Direction.BACKWARD, fast_forward=False)
-            # candidates still starting carry no traffic: stop them now
-            ready = self._proj_ready(CANDIDATE)
-            if self.s.candidate_target > ready:
-                self._scale(CANDIDATE, ready, "cancel: stop candidates still starting")
-            self._transition(Stage.BOUNDARY, "cancel: ramping back", Phase.PROGRESSING)
+            self._ramp_back("cancel: ramping back", "superseded by cancel")
             return ""
         if ctl is Control.PAUSE:
             if s.fast_forward or s.roll_forward_requested:
@@ -573,6 +579,67 @@ class _Run:
 
     def _applied(self, ctl: Control) -> None:
         self.events.append(h.ControlApplied(t=self.now, control=ctl.value))
+
+    def _ramp_back(self, reason: str, dropped: str) -> None:
+        """Cancel: the step cycle runs backwards from the next boundary, paused or not."""
+        self._drop_requests(dropped)
+        self._update(direction=Direction.BACKWARD, fast_forward=False)
+        # candidates still starting carry no traffic: stop them now
+        ready = self._proj_ready(CANDIDATE)
+        if self.s.candidate_target > ready:
+            self._scale(CANDIDATE, ready, "cancel: stop candidates still starting")
+        self._transition(Stage.BOUNDARY, reason, Phase.PROGRESSING)
+
+    # ---- the metric guard ------------------------------------------------------------------
+
+    def guard(self) -> None:
+        """Judge the candidate's last window while rolling forward (paused too); a breach
+        cancels or force-cancels at once. It judges nothing during a rollback or a ramp back,
+        nor after it tripped once (an operator's roll-forward after a trip overrides it), nor
+        on a first deploy, which has nothing to go back to."""
+        g, s = self.s.policy.guard, self.s
+        if g is None or s.terminal or s.forced or s.first_deploy or s.guard_breach:
+            return
+        if s.direction is Direction.BACKWARD:
+            return
+        v = judge(g, self.obs.candidate.traffic, self.obs.current.traffic)
+        self.verdict = v
+        if v.outcome is not Outcome.BREACHED:
+            return
+        what = v.describe(g.window_s)
+        self._update(guard_breach=what)
+        self.events.append(
+            h.GuardBreached(
+                t=self.now,
+                metric=v.metric,
+                value=v.value,
+                threshold=v.threshold,
+                window_s=g.window_s,
+                requests=v.requests,
+                action=g.action,
+            )
+        )
+        if g.action == "force_cancel":
+            self._begin_rollback("force_cancel", f"guard: {what}", "superseded by the guard")
+        else:
+            self._ramp_back(f"guard: {what}: ramping back", "superseded by the guard")
+
+    def _check_window(self) -> None:
+        """At a step boundary the candidate's last window has passed (a breach would have
+        cancelled the rollout before): record that, or that too few requests came."""
+        g, v = self.s.policy.guard, self.verdict
+        if g is None or v is None or self.s.step == 0 or self.s.direction is Direction.BACKWARD:
+            return
+        self.events.append(
+            h.MetricsChecked(
+                t=self.now,
+                step=self.s.step,
+                verdict=v.outcome.value,
+                requests=v.requests,
+                min_requests=g.min_requests,
+                window_s=g.window_s,
+            )
+        )
 
     # ---- the step cycle ------------------------------------------------------------------
 
@@ -628,6 +695,7 @@ class _Run:
                 self._applied(Control.PAUSE)
                 self._transition(Stage.BOUNDARY, "paused at a step boundary", Phase.PAUSED)
                 return
+        self._check_window()
         if self._replaced():
             self._transition(Stage.FINISHING, "all replicas replaced")
             return
@@ -766,7 +834,9 @@ class _Run:
         # scales it (a backend applying actions one by one may start and stop one meanwhile)
         if out not in self.scaled and self.obs.of(out).holding == 0 and self._proj_ready(inc):
             outcome = Phase.SUCCEEDED if inc == CANDIDATE else Phase.CANCELLED
-            self._finish(outcome, "all traffic on the " + inc)
+            guarded = outcome is Phase.CANCELLED and self.s.guard_breach
+            why = f"guard: {self.s.guard_breach}; " if guarded else ""
+            self._finish(outcome, f"{why}all traffic on the {inc}")
         else:
             self._wait(f"waiting for the {out} replicas to drain")
 
@@ -800,7 +870,8 @@ class _Run:
             self._set_weight(0.0, "rollback")
             outcome = Phase.FAILED if self.s.forced == "failed" else Phase.CANCELLED
             why = {"force_cancel": "force-cancel", "cancel": "cancel: first deploy withdrawn"}
-            self._finish(outcome, self.s.failure or why[self.s.forced])
+            guarded = f"guard: {self.s.guard_breach}" if self.s.guard_breach else ""
+            self._finish(outcome, self.s.failure or guarded or why[self.s.forced])
             return
         what = self._rollback_waits_for(n_current)
         deadline = self.s.policy.progress_deadline_seconds

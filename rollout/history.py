@@ -8,7 +8,7 @@ simulated rollout and a real one can be laid side by side.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -20,7 +20,7 @@ class _Event(BaseModel):
 
 class RolloutStarted(_Event):
     kind: Literal["rollout_started"] = "rollout_started"
-    policy: dict[str, float]
+    policy: dict[str, Any]
     desired: int
     steps: int
     first_deploy: bool = False  # nothing served before: the rollout starts from an empty pool
@@ -104,6 +104,29 @@ class Capped(_Event):
     reason: str
 
 
+class GuardBreached(_Event):
+    """The metric guard found the candidate over a limit in its last window and acted."""
+
+    kind: Literal["guard_breached"] = "guard_breached"
+    metric: str  # error_rate | latency_p99_s | ttft_p99_s | latency_p99_ratio
+    value: float
+    threshold: float
+    window_s: float
+    requests: int  # the candidate's requests in the window
+    action: str  # cancel | force_cancel
+
+
+class MetricsChecked(_Event):
+    """At a step boundary: the candidate's last window passed, or too few requests came."""
+
+    kind: Literal["metrics_checked"] = "metrics_checked"
+    step: int  # steps completed
+    verdict: str  # passed | too few requests
+    requests: int
+    min_requests: int
+    window_s: float
+
+
 class Finished(_Event):
     kind: Literal["finished"] = "finished"
     outcome: str
@@ -130,6 +153,8 @@ Event = Annotated[
     | StepCompleted
     | Resized
     | Capped
+    | GuardBreached
+    | MetricsChecked
     | Finished
     | ActionApplied,
     Field(discriminator="kind"),

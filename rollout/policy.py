@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -10,6 +11,40 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 class Mode(StrEnum):
     SURGE = "surge"  # add candidates first; capacity briefly above the target
     UNAVAILABLE = "unavailable"  # remove old replicas first; never above the target
+
+
+class GuardPolicy(BaseModel):
+    """Limits on the candidate's traffic over a sliding window; a breach cancels the rollout.
+
+    Each limit is off (None) unless set, and at least one must be set. A verdict needs
+    `min_requests` candidate requests in the window; the latency ratio also needs as many on the
+    current version (both measured over the same window).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    window_s: float = Field(60.0, gt=0, le=300)  # the router keeps 300 s of metrics
+    min_requests: int = Field(50, ge=1)
+    max_error_rate: float | None = Field(None, ge=0, lt=1)
+    max_latency_p99_s: float | None = Field(None, gt=0)
+    max_ttft_p99_s: float | None = Field(None, gt=0)
+    max_latency_p99_ratio: float | None = Field(None, gt=1)
+    action: Literal["cancel", "force_cancel"] = "cancel"
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> GuardPolicy:
+        limits = (
+            self.max_error_rate,
+            self.max_latency_p99_s,
+            self.max_ttft_p99_s,
+            self.max_latency_p99_ratio,
+        )
+        if all(x is None for x in limits):
+            raise ValueError(
+                "the guard needs at least one limit: max_error_rate, max_latency_p99_s, "
+                "max_ttft_p99_s or max_latency_p99_ratio"
+            )
+        return self
 
 
 class RolloutPolicy(BaseModel):
@@ -29,6 +64,7 @@ class RolloutPolicy(BaseModel):
     # consecutive iterations whose observe or apply failed (a timeout, a lost connection, a
     # rejected config) tolerated before the rollout fails and rolls back
     max_backend_errors: int = Field(5, ge=0, le=1000)
+    guard: GuardPolicy | None = None  # cancel the rollout when the candidate regresses
 
     @model_validator(mode="after")
     def _exactly_one_mode(self) -> RolloutPolicy:

@@ -6,6 +6,7 @@ The schema is documented in docs/simulator.md; times are seconds and money is US
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
@@ -152,13 +153,14 @@ class EngineSpec(_EngineFields):
     profile: Path | None = None
 
     def with_profile(self) -> EngineSpec:
-        """The fields filled in from `profile` (fields set here win); checks completeness."""
+        """The fields filled in from `profile` (fields set here win) and `profile` cleared, so
+        a filled spec travels to other machines without the file; checks completeness."""
         spec = self
         if self.profile is not None:
             base = load_yaml_model(self.profile, EngineProfile, "engine profile")
             fields = base.model_dump(exclude={"name", "provenance"})
             fields |= {k: getattr(self, k) for k in self.model_fields_set if k != "profile"}
-            spec = EngineSpec(profile=self.profile, **fields)
+            spec = EngineSpec(**fields)  # read in: the spec no longer needs the file
         if spec.prefill_s_per_1k_tokens is None or spec.decode_s_per_token is None:
             raise InputError(
                 "the engine needs prefill_s_per_1k_tokens and decode_s_per_token "
@@ -235,9 +237,17 @@ class FaultSpec(_Strict):
 
 
 class CandidateOverrides(_Strict):
+    """How the candidate differs from the current version. A candidate with a service of its
+    own or an error rate is a bad release for the summary's blast radius (`bad_requests`)."""
+
     service: ServiceSpec | None = None
     cold_start: ColdStartSpec | None = None
     faults: FaultSpec | None = None
+    error_rate: float = Field(0.0, ge=0, le=1)  # this share of its requests fails at once
+
+    @property
+    def bad(self) -> bool:
+        return self.error_rate > 0 or self.service is not None
 
 
 class ScriptedControl(_Strict):
@@ -258,9 +268,13 @@ class SweepGrid(_Strict):
     stabilization_time_seconds: list[float] = [0.0]
     seeds: int = Field(3, ge=1, le=1000)
     rollout_at_s: list[float] = []  # the same policies rolled out at each time; []: rollout.at_s
+    # each policy also rolls out this bad candidate (overrides on top of rollout.candidate)
+    bad_release: CandidateOverrides | None = None
 
     @model_validator(mode="after")
     def _times(self) -> SweepGrid:
+        if self.bad_release is not None and not self.bad_release.bad:
+            raise ValueError("sweep.bad_release needs an error_rate above 0 or a service")
         for t in self.rollout_at_s:
             if t < 0:
                 raise ValueError(f"sweep.rollout_at_s: {t:g} is before the trace starts")
@@ -333,6 +347,23 @@ class Scenario(_Strict):
             )
         return self
 
+    def with_engine_profiles(self) -> Scenario:
+        """Engine profiles read into the engine specs (fields set inline win), so the scenario
+        needs no profile file any more, wherever it is simulated."""
+
+        def filled(spec: ServiceSpec | None) -> ServiceSpec | None:
+            if spec is None or spec.engine is None:
+                return spec
+            return spec.model_copy(update={"engine": spec.engine.with_profile()})
+
+        update: dict[str, object] = {"service": filled(self.service)}
+        if self.rollout is not None and self.rollout.candidate.service is not None:
+            candidate = self.rollout.candidate.model_copy(
+                update={"service": filled(self.rollout.candidate.service)}
+            )
+            update["rollout"] = self.rollout.model_copy(update={"candidate": candidate})
+        return self.model_copy(update=update)
+
     def with_policy(self, policy: RolloutPolicy) -> Scenario:
         """The same scenario with another rollout policy (a rollout at t=0 if it had none)."""
         spec = self.rollout or RolloutSpec(policy=policy)
@@ -340,20 +371,22 @@ class Scenario(_Strict):
 
 
 def load_scenario(path: Path | str) -> Scenario:
-    """Read and validate a scenario; relative paths inside resolve against the working directory
-    first and then the scenario's folder. Raises InputError with one sentence."""
+    """Read and validate a scenario; relative paths inside resolve against the scenario file's
+    folder (whatever the working directory), made absolute. Raises InputError with one
+    sentence."""
     scenario = load_yaml_model(path, Scenario, "scenario file")
-    return _resolve_paths(scenario, Path(path).parent)
+    return _resolve_paths(scenario, Path(path).parent.resolve())
 
 
 def _resolve(p: Path | None, base: Path) -> Path | None:
-    if p is None or p.is_absolute() or p.exists():
-        return p
-    return base / p if (base / p).exists() else p
+    if p is None:
+        return None
+    p = p.expanduser()
+    return p if p.is_absolute() else Path(os.path.normpath(base / p))
 
 
 def _resolve_paths(s: Scenario, base: Path) -> Scenario:
-    """Paths relative to the scenario's folder, and engine profiles read in."""
+    """Paths relative to the scenario's folder made absolute, and engine profiles read in."""
 
     def path(model: M, field: str = "path") -> M:
         return model.model_copy(update={field: _resolve(getattr(model, field), base)})
@@ -361,7 +394,7 @@ def _resolve_paths(s: Scenario, base: Path) -> Scenario:
     def service(spec: ServiceSpec) -> ServiceSpec:
         if spec.engine is None:
             return spec
-        return spec.model_copy(update={"engine": path(spec.engine, "profile").with_profile()})
+        return spec.model_copy(update={"engine": path(spec.engine, "profile")})
 
     def cold(spec: ColdStartSpec) -> ColdStartSpec:
         return path(spec)
@@ -396,4 +429,8 @@ def _resolve_paths(s: Scenario, base: Path) -> Scenario:
             changes["cold_start"] = cold(cand.cold_start)
         candidate = cand.model_copy(update=changes)
         update["rollout"] = s.rollout.model_copy(update={"candidate": candidate})
-    return s.model_copy(update=update)
+    bad = s.sweep.bad_release if s.sweep else None
+    if s.sweep is not None and bad is not None and bad.service is not None:
+        bad = bad.model_copy(update={"service": service(bad.service)})
+        update["sweep"] = s.sweep.model_copy(update={"bad_release": bad})
+    return s.model_copy(update=update).with_engine_profiles()

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -49,7 +50,27 @@ class Trace:
         return float(self.arrival_s[-1]) if len(self.arrival_s) else 0.0
 
 
-def load_trace(spec: TraceSpec, *, seed: int = 0) -> Trace:
+class TraceFiles(Protocol):
+    """Where a trace's files come from: the disk (`DISK`), or contents read once elsewhere and
+    shipped to this process (`sim.inputs.Inputs`)."""
+
+    def trace(self, path: Path) -> Trace: ...
+
+    def token_column(self, path: Path, column: str) -> np.ndarray: ...
+
+
+class _Disk:
+    def trace(self, path: Path) -> Trace:
+        return read_trace_csv(path)
+
+    def token_column(self, path: Path, column: str) -> np.ndarray:
+        return read_token_column(path, column)
+
+
+DISK: TraceFiles = _Disk()
+
+
+def load_trace(spec: TraceSpec, *, seed: int = 0, files: TraceFiles = DISK) -> Trace:
     """The scenario's arrivals: a file (resampled for the seed unless `resample` is off) or a
     synthetic process, with `rate_scale` times the requests, replayed `time_scale` times
     faster."""
@@ -57,10 +78,10 @@ def load_trace(spec: TraceSpec, *, seed: int = 0) -> Trace:
         syn = spec.synthetic
         if spec.rate_scale != 1.0:
             syn = syn.model_copy(update={"rate_per_s": syn.rate_per_s * spec.rate_scale})
-        trace = synthesize(syn, seed=seed)
+        trace = synthesize(syn, seed=seed, files=files)
     else:
         assert spec.path is not None  # the schema requires exactly one source
-        trace = read_trace_csv(spec.path)
+        trace = files.trace(spec.path)
         if spec.resample:
             trace = resample(trace, spec.rate_scale, spec.jitter_s, seed=seed)
     if spec.time_scale != 1.0:
@@ -194,7 +215,7 @@ def resample(trace: Trace, rate_scale: float, jitter_s: float, *, seed: int) -> 
     )
 
 
-def synthesize(spec: SyntheticTrace, *, seed: int = 0) -> Trace:
+def synthesize(spec: SyntheticTrace, *, seed: int = 0, files: TraceFiles = DISK) -> Trace:
     """Arrivals of a Poisson process: constant, diurnal (sinusoidal) or with one step in rate.
 
     Non-constant rates are drawn by thinning (Lewis and Shedler, 1979): candidates at the peak
@@ -216,11 +237,13 @@ def synthesize(spec: SyntheticTrace, *, seed: int = 0) -> Trace:
             f"the synthetic {spec.process} trace has no requests: raise rate_per_s "
             f"({spec.rate_per_s:g}) or duration_s ({spec.duration_s:g})"
         )
-    ctx, gen = token_counts(spec, len(times), seed=seed)
+    ctx, gen = token_counts(spec, len(times), seed=seed, files=files)
     return Trace(times, ctx, gen, source=f"synthetic {spec.process}")
 
 
-def token_counts(spec: SyntheticTrace, n: int, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def token_counts(
+    spec: SyntheticTrace, n: int, *, seed: int, files: TraceFiles = DISK
+) -> tuple[np.ndarray, np.ndarray]:
     """Context and generated tokens for n synthetic requests: constants, lognormal draws, or
     rows sampled from a CSV file (the same rows for both when both name the same file, so a
     trace's pairing of prompt and output lengths is kept)."""
@@ -241,7 +264,7 @@ def token_counts(spec: SyntheticTrace, n: int, *, seed: int) -> tuple[np.ndarray
             out.append(np.rint(draws).astype(np.int32))
         else:
             assert value.path is not None
-            column = read_token_column(value.path, value.column or default)
+            column = files.token_column(value.path, value.column or default)
             if value.path not in rows:
                 rows[value.path] = rng.integers(0, len(column), n)
             out.append(column[rows[value.path]].astype(np.int32))

@@ -18,6 +18,7 @@ from rollout import history as h
 from rollout.errors import InputError, describe_validation_error
 from rollout.policy import RolloutPolicy
 from rollout.scenario import Scenario, load_scenario
+from sim.inputs import Inputs
 from sim.model import Progress, Simulation
 from sim.result import SimResult, clean_json
 
@@ -36,13 +37,15 @@ def simulate(
     *,
     seed: int | None = None,
     progress: bool | Progress = False,
+    inputs: Inputs | None = None,
 ) -> SimResult:
     """Run one scenario; `seed` overrides the scenario's. `progress` may be a callback
-    `(requests_done, requests_total)`; True draws a progress bar on the terminal."""
+    `(requests_done, requests_total)`; True draws a progress bar on the terminal. `inputs`: the
+    scenario's files read beforehand (`sim.inputs.read_inputs`), else they are read here."""
     if progress is True:
         return _with_bar(scenario, seed, scenario.name)
     callback = progress if callable(progress) else None
-    return Simulation(scenario, seed=seed, progress=callback).run()
+    return Simulation(scenario, seed=seed, progress=callback, inputs=inputs).run()
 
 
 def compare(

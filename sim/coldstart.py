@@ -22,13 +22,16 @@ class ColdStart:
     them, so a file of percentiles and a file of raw samples both keep their shape.
     """
 
-    def __init__(self, spec: ColdStartSpec, rng: np.random.Generator) -> None:
+    def __init__(
+        self, spec: ColdStartSpec, rng: np.random.Generator, samples: np.ndarray | None = None
+    ) -> None:
+        """`samples`: an empirical spec's file, already read (`sim.inputs`); else it is read."""
         self.spec = spec
         self.rng = rng
         self.samples: np.ndarray | None = None
         if spec.kind == "empirical":
             assert spec.path is not None  # the schema requires it
-            self.samples = np.sort(read_samples(spec.path))
+            self.samples = np.sort(read_samples(spec.path) if samples is None else samples)
         if spec.kind == "lognormal":
             assert spec.p50_s is not None and spec.p99_s is not None
             self.mu = math.log(spec.p50_s)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Generator, Sequence
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -26,8 +27,16 @@ from rollout.traces import load_trace
 from sim.cluster import Cluster, Faults
 from sim.coldstart import ColdStart
 from sim.gpus import GpuSupply
+from sim.inputs import Inputs, read_inputs
 from sim.replica import CANDIDATE, CURRENT, VERSION_NAMES, Replica, State
-from sim.result import TIMELINE_COLUMNS, Billing, RolloutOutcome, SimResult, summarize
+from sim.result import (
+    TIMELINE_COLUMNS,
+    Billing,
+    RolloutOutcome,
+    SimResult,
+    guard_summary,
+    summarize,
+)
 from sim.router import DROPPED, FAILED, Router
 from sim.service import service_times
 
@@ -40,8 +49,15 @@ HORIZON_S = 7 * 24 * 3600.0
 
 class Simulation:
     def __init__(
-        self, scenario: Scenario, *, seed: int | None = None, progress: Progress | None = None
+        self,
+        scenario: Scenario,
+        *,
+        seed: int | None = None,
+        progress: Progress | None = None,
+        inputs: Inputs | None = None,
     ) -> None:
+        """`inputs`: the scenario's files, read beforehand (a sweep reads them once and ships
+        them to its workers); None reads them here."""
         self.scenario = scenario
         self.seed = scenario.seed if seed is None else seed
         self.progress = progress
@@ -49,7 +65,8 @@ class Simulation:
         if seed < 0:
             raise InputError(f"the seed must be a whole number >= 0 (got {seed})")
         self._check(s)
-        self.trace = load_trace(s.trace, seed=seed)
+        inputs = read_inputs(s) if inputs is None else inputs
+        self.trace = load_trace(s.trace, seed=seed, files=inputs)
         cand = s.rollout.candidate if s.rollout else None
         cand_service = cand.service if cand and cand.service else s.service
         cand_cold = cand.cold_start if cand and cand.cold_start else s.cold_start
@@ -60,6 +77,10 @@ class Simulation:
             if cand_service == s.service
             else service_times(cand_service, self.trace, seed)
         )
+        fails = None
+        if cand is not None and cand.error_rate > 0:
+            draw = np.random.default_rng([seed, 0xBAD]).random(len(self.trace.arrival_s))
+            fails = draw < cand.error_rate
         self.env = simpy.Environment()
         self.router = Router(
             self.trace.arrival_s,
@@ -68,6 +89,7 @@ class Simulation:
             timeout_s=s.fleet.request_timeout_s,
             seed=seed,
             on_drained=self._drained,
+            fails=fails,
         )
         on_demand = s.fleet.on_demand
         self.gpus = GpuSupply(
@@ -75,7 +97,11 @@ class Simulation:
             s.fleet,
             None
             if on_demand is None
-            else ColdStart(on_demand.provision_s, np.random.default_rng([seed, 0x40DE])),
+            else ColdStart(
+                on_demand.provision_s,
+                np.random.default_rng([seed, 0x40DE]),
+                inputs.cold_start(on_demand.provision_s),
+            ),
             on_grant=lambda _: None,  # the cluster takes this over
             on_change=self._changed,
         )
@@ -85,8 +111,16 @@ class Simulation:
             health_period_s=s.health_check.period_s,
             drain_timeout_s=s.fleet.graceful_shutdown_timeout_s,
             cold_starts=(
-                ColdStart(s.cold_start, np.random.default_rng([seed, 0xC01D, 0])),
-                ColdStart(cand_cold, np.random.default_rng([seed, 0xC01D, 1])),
+                ColdStart(
+                    s.cold_start,
+                    np.random.default_rng([seed, 0xC01D, 0]),
+                    inputs.cold_start(s.cold_start),
+                ),
+                ColdStart(
+                    cand_cold,
+                    np.random.default_rng([seed, 0xC01D, 1]),
+                    inputs.cold_start(cand_cold),
+                ),
             ),
             faults=(
                 Faults(s.faults, np.random.default_rng([seed, 0xFA17, 0])),
@@ -129,11 +163,18 @@ class Simulation:
         return self.env.now
 
     def observe(self) -> c.Observation:
+        current = self.cluster.observe(CURRENT)
+        candidate = self.cluster.observe(CANDIDATE)
+        guard = self.driver.state.policy.guard if self.driver else None
+        if guard is not None:  # the metric guard's window, measured only when it has one
+            cur, cand = self.router.traffic(self.env.now, guard.window_s)
+            current = replace(current, traffic=cur)
+            candidate = replace(candidate, traffic=cand)
         return c.Observation(
             time=self.env.now,
             desired=self.desired,
-            current=self.cluster.observe(CURRENT),
-            candidate=self.cluster.observe(CANDIDATE),
+            current=current,
+            candidate=candidate,
             capacity=self.gpus.max_replicas,
         )
 
@@ -343,6 +384,8 @@ class Simulation:
             scenario=s.name,
         )
         events = list(self.driver.history) if self.driver else []
+        bad = s.rollout is not None and s.rollout.candidate.bad
+        summary |= guard_summary(requests, timeline, events, bad=bad)
         return SimResult(summary, requests, timeline, events, self._replicas())
 
     def _replicas(self) -> pd.DataFrame:

@@ -6,7 +6,7 @@ placement that never overprints) and report.md. What the sweep decided comes fro
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -85,8 +85,10 @@ _LABEL_SPOTS = [
 
 
 def _place_labels(ax: Axes, policies: pd.DataFrame) -> None:
-    """Name every point without overprinting: each label takes the first spot that overlaps no
-    placed label, no marker and stays inside the axes (greedy, front labels first)."""
+    """Name the points without overprinting: each label takes the first spot that overlaps no
+    placed label, no marker and stays inside the axes (greedy, front labels first). A front
+    label with no free spot keeps its first; any other is left out (the report's table names
+    every policy), so a sweep of many policies stays readable."""
     fig = ax.get_figure()
     assert fig is not None
     fig.draw_without_rendering()  # settle the layout and limits before measuring
@@ -123,7 +125,7 @@ def _place_labels(ax: Axes, policies: pd.DataFrame) -> None:
                 if first is not None:
                     first.remove()
                 break
-            if first is None:
+            if first is None and on_front:
                 first = note  # kept if no spot is free
             else:
                 note.remove()
@@ -155,12 +157,17 @@ def _label_clusters(
 
 
 def _join_labels(labels: list[str]) -> str:
-    """`surge=25 stab=0` and `surge=25 stab=120` read as `surge=25 stab=0,120`."""
-    by_mode: dict[str, list[str]] = {}
+    """`surge=25 stab=0` and `surge=25 stab=120` read as `surge=25 stab=0,120`, and percentages
+    with the same stabilization times join too: `surge=10,25 stab=0,120`."""
+    by_head: dict[str, list[str]] = {}
     for label in labels:
         head, _, stab = label.partition(" stab=")
-        by_mode.setdefault(head, []).append(stab)
-    return "; ".join(f"{head} stab={','.join(stabs)}" for head, stabs in by_mode.items())
+        by_head.setdefault(head, []).append(stab)
+    joined: dict[tuple[str, str], list[str]] = {}
+    for head, stabs in by_head.items():
+        mode, _, pct = head.partition("=")
+        joined.setdefault((mode, ",".join(stabs)), []).append(pct)
+    return "; ".join(f"{m}={','.join(p)} stab={st}" for (m, st), p in joined.items())
 
 
 def draw_durations(ax: Axes, policies: pd.DataFrame) -> None:
@@ -181,6 +188,41 @@ def draw_durations(ax: Axes, policies: pd.DataFrame) -> None:
     handles = [Rectangle((0, 0), 1, 1, color=c) for c in MODE_COLORS.values()]
     ax.legend(handles, list(MODE_COLORS), fontsize=8)
     ax.grid(axis="y", alpha=0.3)
+
+
+def draw_blast(ax: Axes, policies: pd.DataFrame) -> None:
+    """Bad requests (worst bad-release run) against the good release's rollout duration: the
+    speed a policy buys with exposure. Hollow: not caught before all traffic reached it."""
+    for mode, color in MODE_COLORS.items():
+        p = policies[policies["mode"] == mode]
+        if not len(p):
+            continue
+        x = p["rollout_duration_s"].to_numpy(dtype=float) / 60
+        y = p["bad_requests"].to_numpy(dtype=float)
+        caught = p["bad_caught"].fillna(False).to_numpy(dtype=bool)
+        ax.scatter(x[caught], y[caught], color=color, label=f"{mode}: caught", zorder=3)
+        ax.scatter(
+            x[~caught], y[~caught], facecolors="none", edgecolors=color, zorder=3,
+            label=f"{mode}: not caught before 100 %",
+        )  # fmt: skip
+        for xi, yi, label in zip(x, y, p["policy"], strict=True):
+            ax.annotate(
+                label.split(" ", 1)[1] if " " in label else label,
+                (xi, yi), textcoords="offset points", xytext=(4, 3), fontsize=6,
+            )  # fmt: skip
+    ax.set_xlabel("rollout duration with the good release, min (mean)")
+    ax.set_ylabel("bad requests (worst run)")
+    ax.set_yscale("symlog", linthresh=100)
+    ax.set_title("Bad release: blast radius against rollout speed")
+    ax.title.set_fontsize(10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+
+
+def plot_blast(policies: pd.DataFrame, path: Path) -> None:
+    fig = Figure(figsize=(7.5, 4.8), dpi=110, layout="tight")
+    draw_blast(fig.subplots(), policies)
+    fig.savefig(path)
 
 
 def plot_pareto(policies: pd.DataFrame, path: Path, slo: Slo, rec: Recommendation) -> None:
@@ -213,6 +255,9 @@ class ReportInputs:
     rollout_times: list[float]  # rollout.at_s of the runs
     fleet: FleetSpec  # for the billing
     images: dict[str, str]  # caption -> file name, in order
+    guard_pick: str | None = None  # with a bad release: the policy that limits it best
+    failures: list[str] = field(default_factory=list)  # `policy seed=…: Error: message`
+    failed: int = 0  # how many simulations failed (failures may list only the first ones)
 
 
 def billing_text(fleet: FleetSpec) -> str:
@@ -294,7 +339,7 @@ def render_report(r: ReportInputs) -> str:
     for _, p in r.policies.sort_values(["cost_usd", "rollout_duration_s"]).iterrows():
         mark = "**" if p["policy"] == rec.policy else ""
         row = (
-            f"| {mark}{p['policy']}{mark} | {p['cost_usd']:.2f} | {_num(p['latency_p99_s'])} | "
+            f"| {mark}{p['policy']}{mark} | {_num(p['cost_usd'])} | {_num(p['latency_p99_s'])} | "
             f"{_num(p['ttft_p99_s'])} | {_num(p['latency_p99_rollout_s'])} / "
             f"{_num(p['ttft_p99_rollout_s'])} | {p['drop_rate']:.2%} | {p['failed_rate']:.2%} | "
             f"{_num(p['rollout_duration_s'] / 60, '.1f')} | {_num(p['peak_gpus'], '.0f')} | "
@@ -318,6 +363,18 @@ def render_report(r: ReportInputs) -> str:
             "rollout (see the `capped` events of its history).",
             "",
         ]
+    if r.guard_pick is not None:
+        lines += _bad_release_lines(r)
+    if r.failures:
+        lines += [
+            "## Failed simulations",
+            "",
+            f"{r.failed} of {runs} simulations raised an error and have no numbers "
+            "(`outcome` `error` in `sweep.csv`); their policies count as not meeting the SLO:",
+            "",
+            *(f"- `{line}`" for line in r.failures),
+            "",
+        ]
     for caption, name in r.images.items():
         lines += [f"## {caption}", "", f"![{caption}]({name})", ""]
     lines += [
@@ -328,6 +385,32 @@ def render_report(r: ReportInputs) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _bad_release_lines(r: ReportInputs) -> list[str]:
+    lines = [
+        "## Bad release",
+        "",
+        f"**{r.guard_pick}**",
+        "",
+        "Each policy also rolled out the sweep's bad release (`sweep.bad_release`), on the same "
+        "seeds. *Bad requests* are the requests the bad release handled, answered or failed "
+        "(worst run); *detected* is the time from its first request to the guard's action "
+        "(worst run); *caught* says whether the guard acted before all traffic reached it on "
+        "every run.",
+        "",
+        "| policy | bad requests (worst) | bad requests (mean) | detected s (worst) | caught |"
+        " rollout min (good) | meets SLO (good) |",
+        "|---|---:|---:|---:|---|---:|---|",
+    ]
+    for _, p in r.policies.sort_values(["bad_requests", "rollout_duration_s"]).iterrows():
+        lines.append(
+            f"| {p['policy']} | {_num(p['bad_requests'], ',.0f')} | "
+            f"{_num(p['bad_requests_mean'], ',.0f')} | {_num(p['detect_s'], '.0f')} | "
+            f"{int(p['bad_runs_caught'])}/{int(p['runs'])} | "
+            f"{_num(p['rollout_duration_s'] / 60, '.1f')} | {'yes' if p['slo_met'] else 'no'} |"
+        )
+    return [*lines, ""]
 
 
 def _num(x: float, fmt: str = ".2f") -> str:

@@ -199,6 +199,36 @@ def summarize(
     }
 
 
+def guard_summary(
+    requests: pd.DataFrame, timeline: pd.DataFrame, events: list[h.Event], *, bad: bool
+) -> dict[str, Any]:
+    """The metric guard's figures: when it tripped (and the candidate's weight then), the
+    blast radius and the detection time.
+
+    `bad_requests`: for a bad release, every request the candidate handled (each was answered
+    by the bad version or failed); for a good one, the candidate's failed requests. `detect_s`:
+    from a bad release's first request to the guard's action (None if it never tripped)."""
+    tripped = next((e.t for e in events if isinstance(e, h.GuardBreached)), None)
+    on_candidate = requests["version"].to_numpy() == "candidate"
+    if not bad:
+        on_candidate &= requests["dropped"].to_numpy() | requests["failed"].to_numpy()
+    first = requests["arrival_s"].to_numpy()[on_candidate]
+    detect = None
+    if bad and tripped is not None and len(first):
+        detect = tripped - float(first[0])
+    weight = None
+    if tripped is not None:  # the weight in effect just before the guard acted
+        t = timeline["t_s"].to_numpy()
+        row = max(0, int(np.searchsorted(t, tripped, side="left")) - 1)
+        weight = float(timeline["candidate_weight"].iloc[row])
+    return {
+        "guard_tripped_s": tripped,
+        "guard_tripped_weight": weight,
+        "bad_requests": int(np.count_nonzero(on_candidate)),
+        "detect_s": detect,
+    }
+
+
 def _window(timeline: pd.DataFrame, start: float, stop: float) -> pd.DataFrame:
     """Timeline rows in effect during [start, stop], including the one in effect at start."""
     t = timeline["t_s"].to_numpy()

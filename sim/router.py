@@ -37,6 +37,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from rollout.guard import Traffic
 from sim.engine import Engine, EngineModel
 from sim.replica import Replica
 from sim.service import EngineWork, ServiceTimes, Work
@@ -70,6 +71,7 @@ class Router:
         timeout_s: float,
         seed: int,
         on_drained: Callable[[Replica, float], None],
+        fails: np.ndarray | None = None,
     ) -> None:
         n = len(arrivals)
         self.n = n
@@ -89,6 +91,11 @@ class Router:
         self.replica = memoryview(self.replica_id)
         self.version = memoryview(self.version_of)
         self.status = memoryview(self.status_of)
+        # a bad candidate's requests that fail at once (an error answer); one flag a request,
+        # drawn up front so every policy fails the same requests
+        self.fails = memoryview(
+            np.zeros(n, dtype=np.uint8) if fails is None else np.ascontiguousarray(fails, np.uint8)
+        )
         self.models = tuple(self._model(w) for w in work)
         self.max_ongoing = max_ongoing
         self.timeout_s = timeout_s
@@ -132,6 +139,39 @@ class Router:
         """Requests in service or waiting at the router (Ray Serve's autoscaling metric)."""
         self._purge(now)
         return self.inflight + len(self.lanes[0]) + len(self.lanes[1])
+
+    def traffic(self, now: float, window_s: float) -> tuple[Traffic, Traffic]:
+        """Each version's requests that arrived in the last `window_s` and ended by `now`
+        (answered, failed or dropped), what the metric guard judges. Arrivals are sorted, so
+        the window is a slice: one vectorised pass over it per call, nothing in the hot loop."""
+        self._purge(now)
+        lo = int(np.searchsorted(self.arrival_s, now - window_s, side="right"))
+        hi = self.next_i
+        arrival = self.arrival_s[lo:hi]
+        end = self.end_s[lo:hi]
+        done = end <= now
+        version = self.version_of[lo:hi]
+        failed = self.status_of[lo:hi] != DONE
+        first = self.first_s[lo:hi]
+        out = []
+        for v in (0, 1):
+            mine = done & (version == v)
+            n = int(np.count_nonzero(mine))
+            if n == 0:
+                out.append(Traffic())
+                continue
+            latency = end[mine] - arrival[mine]
+            answered = mine & ~failed & (first <= now)
+            ttft = first[answered] - arrival[answered]
+            out.append(
+                Traffic(
+                    requests=n,
+                    failures=int(np.count_nonzero(mine & failed)),
+                    latency_p99_s=float(np.percentile(latency, 99)),
+                    ttft_p99_s=float(np.percentile(ttft, 99)) if len(ttft) else None,
+                )
+            )
+        return out[0], out[1]
 
     # ---- what the control plane changes --------------------------------------------------
 
@@ -255,7 +295,7 @@ class Router:
             self.ready,
             self.avail,
         )
-        end, status = self.end, self.status
+        end, status, fails = self.end, self.status, self.fails
         maxo, timeout = self.max_ongoing, self.timeout_s
         vdraw, pdraw = self._version_draw, self._pick_draw
         replica, version = self.replica, self.version
@@ -330,6 +370,11 @@ class Router:
                 v = 1 if vdraw() < weight else 0
                 if not ready[v] and ready[1 - v]:
                     v = 1 - v
+                if v and fails[k] and ready[1]:  # the bad candidate answers with an error
+                    self.version[k] = 1
+                    self.start[k] = end[k] = t
+                    status[k] = FAILED
+                    continue
                 av = avail[v]
                 if not av:
                     lanes[v].append(k)

@@ -194,6 +194,7 @@ def pareto_front(cost: Sequence[float], latency: Sequence[float]) -> np.ndarray:
     """Mask of points no other point beats: another point dominates when it is no worse on both
     axes and strictly better on one. Equal points are all on the front."""
     c = np.asarray(cost, dtype=float)
+    c = np.where(np.isnan(c), np.inf, c)  # a policy whose every run failed has no cost
     lat = np.asarray(latency, dtype=float)
     lat = np.where(np.isnan(lat), np.inf, lat)
     front = np.ones(len(c), dtype=bool)
@@ -265,6 +266,42 @@ def recommend(policies: pd.DataFrame, slo: Slo) -> Recommendation:
         slo_severity=float(best["slo_severity"]),
         riskiest=riskiest(policies, slo),
         message=message,
+    )
+
+
+def blast_table(bad_rows: pd.DataFrame) -> pd.DataFrame:
+    """Per policy, what its bad-release runs exposed: the worst run's bad requests and detection
+    time, and whether the guard caught the release before all traffic reached it on every run
+    (it tripped with the candidate's weight below 1)."""
+    caught = bad_rows["guard_tripped_weight"].fillna(1.0) < 1.0
+    g = bad_rows.assign(_caught=caught).groupby("policy", sort=False)
+    return pd.DataFrame(
+        {
+            "bad_requests": g["bad_requests"].max(),
+            "bad_requests_mean": g["bad_requests"].mean(),
+            "detect_s": g["detect_s"].max(),
+            "bad_caught": g["_caught"].all(),
+            "bad_runs_caught": g["_caught"].sum().astype(int),
+        }
+    ).reset_index()
+
+
+def guard_pick(policies: pd.DataFrame, slo: Slo) -> str:
+    """The policy that catches the bad release on every run with the fewest bad requests
+    (worst run) while meeting the SLO with the good one; ties go to the faster rollout."""
+    ok = policies[policies["slo_met"] & policies["bad_caught"].fillna(False).astype(bool)]
+    if not len(ok):
+        return (
+            "Bad release: no policy both meets the SLO with the good release and catches the bad "
+            "one before all traffic reaches it on every run."
+        )
+    best = ok.sort_values(["bad_requests", "rollout_duration_s"], kind="stable").iloc[0]
+    return (
+        f"Bad release: {_policy_text(best)} catches it with the fewest bad requests while "
+        f"meeting the SLO ({describe_slo(slo)}) with the good one: at most "
+        f"{int(best['bad_requests']):,} bad requests, detected within {best['detect_s']:.0f} s "
+        f"of its first request (worst of {runs_text(best)}); rollout "
+        f"{best['rollout_duration_s'] / 60:.1f} min."
     )
 
 

@@ -191,7 +191,7 @@ def replicas(details: dict[str, Any], app: str) -> list[dict[str, Any]]:
 
 
 def live_version(name: str) -> str | None:
-    from executor.serve_backend import live_versions
+    from executor.serve_config import live_versions
 
     live = live_versions(name, serve_details())
     return next(iter(live)) if len(live) == 1 else None
@@ -205,7 +205,7 @@ def gpus_free() -> float:
 
 def remove(name: str) -> None:
     """Take a model's applications down and wait until their GPUs are free again."""
-    from executor.serve_backend import remove_apps
+    from executor.serve_calls import remove_apps
 
     remove_apps(name)
     wait_for(lambda: gpus_free() >= GPUS, 60, what=f"{name}'s GPUs to be released")

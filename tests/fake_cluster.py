@@ -5,6 +5,10 @@ time when removed; every replica holds a GPU from start to the end of its drain.
 every applied action so tests can assert on them. `first_deploy` starts it empty; `outages`
 (time windows) and `error_prob` make observe and apply raise `BackendError`, an apply after
 applying a random prefix of its actions, as a backend that fails half way does.
+
+With a `load`, it also reports each version's traffic over the guard's window: `rate` requests
+a second split by the weight in effect at each moment (the integral over the window), each
+version failing its share `error_rate` and answering with its fixed `latency_s` as p99.
 """
 
 from __future__ import annotations
@@ -15,6 +19,15 @@ from dataclasses import dataclass, field
 
 from rollout import controller as c
 from rollout.driver import BackendError
+from rollout.guard import Traffic
+
+
+@dataclass(frozen=True)
+class Load:
+    rate: float  # requests per second, both versions together
+    window_s: float
+    error_rate: dict[str, float] = field(default_factory=dict)  # per version, default 0
+    latency_s: dict[str, float] = field(default_factory=dict)  # per version, default 1 s
 
 
 @dataclass
@@ -42,6 +55,8 @@ class FakeCluster:
     targets: dict[str, int] = field(default_factory=dict)
     failed: dict[str, int] = field(default_factory=dict)
     applied: list[c.Action] = field(default_factory=list)
+    load: Load | None = None
+    weights: list[tuple[float, float]] = field(default_factory=lambda: [(0.0, 0.0)])
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -68,8 +83,29 @@ class FakeCluster:
             else:
                 starting += 1
         return c.VersionObservation(
-            ready=ready, starting=starting, draining=draining, failed_starts=self.failed[version]
+            ready=ready,
+            starting=starting,
+            draining=draining,
+            failed_starts=self.failed[version],
+            traffic=self.traffic(version),
         )
+
+    def traffic(self, version: str) -> Traffic:
+        """Requests over the last window: rate × the integral of the version's share."""
+        load = self.load
+        if load is None:
+            return Traffic()
+        lo, total = self.now - load.window_s, 0.0
+        for i, (t, w) in enumerate(self.weights):
+            until = self.weights[i + 1][0] if i + 1 < len(self.weights) else self.now
+            span = max(0.0, min(until, self.now) - max(t, lo))
+            total += span * (w if version == c.CANDIDATE else 1.0 - w)
+        n = int(load.rate * total)
+        if n == 0:
+            return Traffic()
+        failures = round(n * load.error_rate.get(version, 0.0))
+        latency = load.latency_s.get(version, 1.0)
+        return Traffic(n, failures, latency, latency / 2)
 
     def clock(self) -> float:
         return self.now
@@ -113,6 +149,7 @@ class FakeCluster:
                 self._reconcile(a.version)
             elif isinstance(a, c.SetWeight):
                 self.weight = a.candidate_weight
+                self.weights.append((self.now, a.candidate_weight))
 
     def _start(self, version: str) -> Replica:
         lo, hi = self.start_delay

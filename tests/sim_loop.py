@@ -44,7 +44,10 @@ def run(
     script: Script | None = None,
     check: Check | None = None,
     max_decisions: int = 50_000,
+    heartbeat_s: float | None = None,
 ) -> Driver:
+    """Run to the end; `heartbeat_s` also ticks at least that often (as the backends do, so
+    the metric guard sees traffic build up between events)."""
     script = script or Script()
     controls = sorted(script.controls, key=lambda x: x[0])
     desired = sorted(script.desired, key=lambda x: x[0])
@@ -71,5 +74,8 @@ def run(
             continue
         if d.state.phase is c.Phase.PAUSED and not controls:
             controls.append((cluster.now + 1.0, c.Control.RESUME))  # the operator comes back
-        cluster.advance(next_time(d, cluster, Script(controls, desired, crashes)) - cluster.now)
+        t = next_time(d, cluster, Script(controls, desired, crashes))
+        if heartbeat_s is not None:
+            t = min(t, cluster.now + heartbeat_s)
+        cluster.advance(t - cluster.now)
     raise AssertionError(f"no terminal state after {max_decisions} decisions: {d.state}")

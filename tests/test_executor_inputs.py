@@ -15,7 +15,8 @@ import yaml
 from executor import status, store
 from executor.deploy_file import load_deploy_file
 from executor.router import Router
-from executor.serve_backend import declarative_apps, live_versions, router_routes
+from executor.router_link import routes as router_routes
+from executor.serve_config import declarative_apps, live_versions
 from rollout import history as h
 from rollout.errors import InputError
 
@@ -239,24 +240,25 @@ def test_history_is_the_concatenation_of_recorded_steps() -> None:
 def test_autoscaler_state_is_carried_in_the_step_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     import executor.serve_backend as sb
     from executor.deploy_file import DeploySpec
+    from executor.plan import Memory, Plan
 
     spec = DeploySpec.model_validate(
         with_(replicas=2, autoscaling={"min_replicas": 1, "max_replicas": 6,
               "target_ongoing_requests": 2, "upscale_delay_s": 3, "look_back_period_s": 5})
     )  # fmt: skip
-    plan = sb.Plan(
+    plan = Plan(
         id="x", name="chat", from_version="v1", to_version="v2", spec=spec, current_app=None,
         candidate_app={}, desired_start=2, address="", store_url="",
     )  # fmt: skip
     ongoing = {"v1": 5, "v2": 3}  # 8 in flight → 4 replicas wanted, after the upscale delay
-    monkeypatch.setattr(sb, "router_stats", lambda name: {"ongoing": ongoing})
-    memory = sb.Memory()
+    monkeypatch.setattr(sb.router_link, "ongoing", lambda plan: sum(ongoing.values()))
+    memory = Memory()
     desired = []
     for now in (100.0, 101.0, 102.0, 103.5, 104.0):
-        backend = sb.ServeBackend.__new__(sb.ServeBackend)
-        backend.plan, backend.mem = plan, memory.model_copy(deep=True)
-        desired.append(backend._desired(now))
-        memory = sb.Memory.model_validate_json(backend.mem.model_dump_json())  # as recorded
+        backend = sb.ServeBackend(plan, memory)
+        mem = backend.mem.model_copy(deep=True)
+        desired.append(backend._desired(mem, now))
+        memory = Memory.model_validate_json(mem.model_dump_json())  # as recorded
     assert desired == [2, 2, 2, 4, 4]
 
 

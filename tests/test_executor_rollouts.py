@@ -7,8 +7,6 @@ run alone or share a model's first deploy when run together.
 from __future__ import annotations
 
 import math
-import os
-import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -246,53 +244,6 @@ class TestControls:
             e["kind"] == "waiting" and e["reason"].startswith("stabilizing") for e in events[at:]
         )
         self._serving_only(c, new, old)
-
-
-def test_controller_killed_mid_step_resumes(ray_cluster: RayCluster) -> None:
-    """SIGKILL the controller while a step waits for its candidates, then `rollout recover`."""
-    c = ray_cluster
-    name = "crash"
-    try:
-        old = ensure_live(c, name)
-        new = other(old)
-        model = {"args": {"weights": f"examples/weights-{new}.npz", "load_delay_s": 1.5}}
-        policy = {"max_surge_percent": 50, "stabilization_time_seconds": 0.5}
-        path = c.deploy_file(name, new, policy=policy, model=model)
-        rollout_id = c.deploy_detached(path)
-        mid = wait_for(
-            lambda: (
-                (s := c.peek(rollout_id))["stage"] == "wait_healthy"
-                and s["replicas"].get(new, {}).get("target", 0) > 0
-                and s
-            ),
-            90,
-            what="a step waiting for its candidates",
-        )
-        pid = mid["controller"]["pid"]
-        os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not c.peek(rollout_id)["controller"]["running"], 10, what="death")
-        before = c.history(rollout_id)
-
-        done = c.cli("recover", str(path))
-        assert done.returncode == 0, done.stdout + done.stderr
-        assert c.status(rollout_id)["state"] == "succeeded"
-
-        events = c.history(rollout_id)
-        assert events[: len(before)] == before  # nothing recorded was lost or rewritten
-        times = [e["t"] for e in events]
-        assert times == sorted(times)
-        assert steps_completed(events) == [1, 2]
-        scaled = [(e["version"], e["replicas"]) for e in events if e["kind"] == "scaled"]
-        assert len(scaled) == len(set(scaled))  # no scale change decided twice
-        applied = [e["action"] for e in events if e["kind"] == "action_applied"]
-        assert len([a for a in applied if a.startswith("scale")]) == len(scaled)
-
-        details = serve_details()
-        assert f"{name}_{old}" not in details["applications"]
-        assert [r["state"] for r in replicas(details, f"{name}_{new}")] == ["RUNNING"] * 2
-        wait_for(lambda: gpus_free() == GPUS - 2, 30, what="only the new replicas holding GPUs")
-    finally:
-        remove(name)
 
 
 def test_not_enough_gpus_fails_after_deadline_and_rolls_back(ray_cluster: RayCluster) -> None:

@@ -28,7 +28,9 @@ def kernel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize(
-    "name", ["surge_vs_unavailable.ipynb", "capacity_planning.ipynb"], ids=lambda n: n[:-6]
+    "name",
+    ["surge_vs_unavailable.ipynb", "capacity_planning.ipynb", "blast_radius.ipynb"],
+    ids=lambda n: n[:-6],
 )
 def test_notebook_runs_top_to_bottom(
     name: str, kernel_dir: Path, monkeypatch: pytest.MonkeyPatch

@@ -188,3 +188,26 @@ class TestForwarding:
         assert sent[0]["status"] == 503 and VERSION_HEADER not in dict(sent[0]["headers"])
         assert json.loads(sent[1]["body"]) == {"error": "no version is ready to serve"}
         assert dict(sent[2]["headers"])[VERSION_HEADER] == b"v2"
+
+
+def test_guard_traffic_converts_the_merged_window_per_role():
+    from executor.router_metrics import guard_traffic
+    from rollout.guard import Traffic
+
+    a, b = Window(), Window()
+    for w, n in ((a, 30), (b, 10)):  # two router replicas
+        for i in range(n):
+            w.started("v2")
+            status = 500 if i % 5 == 0 else 200
+            w.finished("v2", 100.0, status=status, ttfb_s=0.01, latency_s=0.5 if i else 2.0)
+    a.started("v1")
+    a.finished("v1", 100.0, status=404, ttfb_s=None, latency_s=0.1)
+    merged = merge([a.snapshot(100.0, 60), b.snapshot(100.0, 60)])
+    got = guard_traffic(merged, {"current": "v1", "candidate": "v2", "none": None})
+    cand = got["candidate"]
+    assert (cand.requests, cand.failures) == (40, 8)  # 500s fail; the current's 404 does not
+    assert cand.latency_p99_s == pytest.approx(2.0, rel=0.02)  # the two 2 s answers are the top 5 %
+    assert cand.ttft_p99_s == pytest.approx(0.01, rel=0.02)
+    assert (got["current"].requests, got["current"].failures) == (1, 0)
+    assert got["current"].ttft_p99_s is None
+    assert got["none"] == Traffic()

@@ -1,8 +1,9 @@
 """Queueing oracles: with one request per replica, Poisson arrivals and a fixed fleet, the
 simulator is an M/M/c (or M/D/1) queue and must reproduce the exact mean waiting time.
 
-Tolerances follow reference/sim_anchors.md §4.1: at ρ = 0.8 about 1M requests bring the
-mean within ±2 % (95 %); M/D/1 at ρ = 0.9 converges slower, so it gets 2M requests.
+Tolerances follow the sampling error of a mean wait (docs/simulator.md, Validation): at
+ρ = 0.8 about 1M requests bring the mean within ±2 % (95 %); M/D/1 at ρ = 0.9 converges
+slower, so it gets 2M requests.
 """
 
 import math
@@ -55,7 +56,7 @@ def waits(scenarios: list[Scenario]) -> np.ndarray:
 
 
 def test_erlang_c_formula_matches_the_table():
-    # reference/sim_anchors.md §5: M/M/10 λ=8 → 0.20459; M/M/2 λ=1.5 → 1.28571 (= 9/7)
+    # Erlang C by hand: M/M/10 λ=8 → 0.20459; M/M/2 λ=1.5 → 1.28571 (= 9/7)
     assert erlang_c_wait(10, 8.0, 1.0) == pytest.approx(0.20459, abs=5e-5)
     assert erlang_c_wait(2, 1.5, 1.0) == pytest.approx(9 / 7, rel=1e-9)
 

@@ -20,6 +20,7 @@ from rollout.cli import app
 from rollout.errors import InputError
 from rollout.scenario import Scenario, Slo, load_scenario
 from sim import verdict
+from sim.inputs import Inputs
 from sim.sweep import (
     SweepPoint,
     run_sweep,
@@ -57,7 +58,7 @@ def scenario(tmp_path: Path) -> Scenario:
     return load_scenario(write_scenario(tmp_path))
 
 
-def fake_point(scenario: Scenario, point: SweepPoint) -> dict[str, Any]:
+def fake_point(scenario: Scenario, point: SweepPoint, inputs: Inputs) -> dict[str, Any]:
     """Numbers shaped like a rollout's: surge costs GPUs, unavailable costs latency, longer
     stabilization costs time; each seed adds its own noise."""
     pol = point.policy
@@ -88,14 +89,14 @@ def fake_point(scenario: Scenario, point: SweepPoint) -> dict[str, Any]:
     }
 
 
-def never_called(scenario: Scenario, point: SweepPoint) -> dict[str, Any]:
+def never_called(scenario: Scenario, point: SweepPoint, inputs: Inputs) -> dict[str, Any]:
     raise AssertionError("a point ran although the grid was invalid")
 
 
-def broken_point(scenario: Scenario, point: SweepPoint) -> dict[str, Any]:
+def broken_point(scenario: Scenario, point: SweepPoint, inputs: Inputs) -> dict[str, Any]:
     if point.policy.max_unavailable_percent == 50:
         raise ZeroDivisionError("boom")
-    return fake_point(scenario, point)
+    return fake_point(scenario, point, inputs)
 
 
 # --- grid --------------------------------------------------------------------------------------
@@ -168,14 +169,45 @@ def test_rows_follow_grid_order_with_policy_fields(scenario: Scenario) -> None:
         assert row["seed"] == point.seed
         assert row["max_surge_percent"] == point.policy.max_surge_percent
         assert row["stabilization_time_seconds"] == point.policy.stabilization_time_seconds
-        assert row["cost_usd"] == fake_point(scenario, point)["cost_usd"]
+        assert row["cost_usd"] == fake_point(scenario, point, Inputs())["cost_usd"]
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_a_failing_point_names_itself(scenario: Scenario, workers: int) -> None:
-    failed = r"unavailable=50 stab=0 seed=4[0-2] failed: ZeroDivisionError: boom"
-    with pytest.raises(RuntimeError, match=failed):
-        run_sweep(scenario, workers=workers, point_fn=broken_point)
+def test_failing_points_are_named_and_the_rest_completes(scenario: Scenario, workers: int) -> None:
+    result = run_sweep(scenario, workers=workers, point_fn=broken_point)
+    broken = [p.label for p in result.points if p.policy.max_unavailable_percent == 50]
+    assert len(broken) == 6  # unavailable=50 × 2 stabilizations × 3 seeds
+    assert result.failures == [f"{label}: ZeroDivisionError: boom" for label in broken]
+    assert not result.complete
+    failed = result.rows[result.rows["outcome"] == "error"]
+    assert list(failed["error"]) == ["ZeroDivisionError: boom"] * 6
+    assert failed["cost_usd"].isna().all() and not failed["slo_met"].any()
+    ok = result.rows[result.rows["outcome"] != "error"]
+    assert len(ok) == 18 and ok["error"].isna().all()
+    expected = run_sweep(scenario, workers=1, point_fn=fake_point).rows
+    for column in ("policy", "seed", "cost_usd", "latency_p99_rollout_s"):
+        assert list(ok[column]) == list(expected.loc[ok.index, column])
+    assert not result.recommendation.policy.startswith("unavailable=50")
+
+
+def test_cli_reports_failed_points_and_exits_incomplete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sim import sweep
+
+    monkeypatch.setattr(sweep, "simulate_point", broken_point)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(
+        app, ["sweep", str(write_scenario(tmp_path)), "--workers", "1", "--out", str(out)]
+    )
+    assert res.exit_code == sweep.INCOMPLETE == 3
+    assert "Incomplete: 6 of 24 simulations failed" in res.stderr
+    assert "  unavailable=50 stab=60 seed=42: ZeroDivisionError: boom" in res.stderr
+    assert res.stdout.startswith("Recommended:")
+    report = (out / "report.md").read_text()
+    assert "## Failed simulations" in report and "6 of 24 simulations" in report
+    assert "- `unavailable=50 stab=0 seed=40: ZeroDivisionError: boom`" in report
+    assert (pd.read_csv(out / "sweep.csv")["outcome"] == "error").sum() == 6
 
 
 def test_summary_metrics_keep_scalars_in_a_stable_order() -> None:
@@ -375,3 +407,37 @@ def test_write_sweep_files_round_trip(scenario: Scenario, tmp_path: Path) -> Non
     # every policy appears in the report's table
     for label in result.policies["policy"]:
         assert f"| {label} |" in text or f"| **{label}** |" in text
+
+
+def test_bad_input_files_stop_the_sweep_before_any_point_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Paths resolve against the scenario's folder whatever the working directory, and every
+    file is read and checked before a runner (local or Ray) is started."""
+    from sim import sweep
+
+    def no_runner(*args: object) -> None:
+        raise AssertionError("a runner started although an input file is bad")
+
+    for runner in ("run_serial", "run_processes", "run_ray"):
+        monkeypatch.setattr(sweep, runner, no_runner)
+    folder = tmp_path / "scenario"
+    folder.mkdir()
+    (folder / "trace.csv").write_text("arrival_s\n0\n1\nsoon\n")
+    text = SCENARIO.format(surge="[25]", unavailable="[25]").replace(
+        "{synthetic: {process: poisson, rate_per_s: 2.0, duration_s: 300}}", "{path: trace.csv}"
+    )
+    (folder / "tiny.yaml").write_text(text)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    scenario = load_scenario(Path("../scenario/tiny.yaml"))
+    assert scenario.trace.path == folder / "trace.csv"  # absolute, in the scenario's folder
+    for kwargs in ({"workers": 1}, {"workers": 2}, {"ray_address": "auto"}):
+        with pytest.raises(InputError, match=r"trace.csv: line 4: arrival_s 'soon'"):
+            run_sweep(scenario, point_fn=never_called, **kwargs)  # type: ignore[arg-type]
+    res = CliRunner().invoke(app, ["sweep", "../scenario/tiny.yaml", "--out", "out"])
+    assert res.exit_code == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rollout: error: ")
+    assert "trace.csv: line 4" in lines[0] and not Path("out").exists()

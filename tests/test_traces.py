@@ -15,7 +15,7 @@ DATA = Path(__file__).parent.parent / "data" / "traces"
 @pytest.mark.parametrize(
     "name,rows,span_s,mean_in,mean_out",
     [
-        # figures from reference/sim_anchors.md §1.1 (derived statistics of the same files)
+        # derived statistics of the bundled files (data/traces/README.md cites their source)
         ("azure_llm_2023_conv.csv", 19_366, 3_502, 1_155, 211),
         ("azure_llm_2023_code.csv", 8_819, 3_436, 2_048, 27.9),
     ],

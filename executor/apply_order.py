@@ -1,0 +1,68 @@
+"""The order in which one decision's actions reach the cluster: pure, no Ray.
+
+Within one decision: first the router's weight (and any scale-up, which cannot make a replica
+ready at once), then — once every router replica has confirmed the weight — the scale-downs.
+The controller's weight never exceeds the share of the ready replicas left after its own
+scale-downs, so applying the weight first never sends traffic to a version with no replica,
+while scaling down first could (a request routed to a deployment with no replica waits).
+
+The confirmation is part of the first write whenever the weight changed or a scale-down
+follows, also when the cluster already runs that config: a re-run of a step after a crash
+between `deploy_apps` and the step's checkpoint, or after a timed-out acknowledgement, finds
+the config deployed and must still not scale down before the router has confirmed it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from executor.plan import ROLES
+from rollout import controller as c
+
+
+@dataclass(frozen=True)
+class Write:
+    """One write of the whole config, and whether to wait for the router after it."""
+
+    targets: dict[str, int]
+    weight: float
+    confirm: bool  # wait until every router replica routes by this write's weight
+    applied: tuple[str, ...]  # the actions it completes, as `action_applied` names them
+
+
+@dataclass(frozen=True)
+class Order:
+    writes: tuple[Write, ...]
+    targets: dict[str, int]  # what the backend has applied once every write is done
+    weight: float
+    finished: tuple[str, ...]  # outcomes of Finish actions, reported last
+
+
+def order(targets: dict[str, int], weight: float, actions: Sequence[c.Action]) -> Order:
+    """The writes that apply `actions` on top of the applied `targets` and `weight`."""
+    old = {role: targets.get(role, 0) for role in ROLES}
+    new = dict(old)
+    new_weight = weight
+    finished: list[str] = []
+    for a in actions:
+        if isinstance(a, c.ScaleTo):
+            new[a.version] = a.replicas
+        elif isinstance(a, c.SetWeight):
+            new_weight = a.candidate_weight
+        elif isinstance(a, c.Finish):
+            finished.append(a.outcome.value)
+    ups = sorted(r for r in ROLES if new[r] > old[r])
+    downs = sorted(r for r in ROLES if new[r] < old[r])
+    shifted = new_weight != weight
+    writes = []
+    if shifted or ups or downs:
+        first = {r: (new[r] if r in ups else old[r]) for r in ROLES}
+        names = ([f"weight {new_weight:.4f}"] if shifted else []) + [
+            f"scale {r} to {new[r]}" for r in ups
+        ]
+        writes.append(Write(first, new_weight, shifted or bool(downs), tuple(names)))
+    if downs or finished:
+        names = [f"scale {r} to {new[r]}" for r in downs]
+        writes.append(Write(dict(new), new_weight, False, tuple(names)))
+    return Order(tuple(writes), new, new_weight, tuple(finished))
