@@ -120,6 +120,14 @@ class Ticks:
     """
 
     step: Fraction
+    # the step's numerator and denominator as plain ints: Fraction's properties are slow,
+    # and a simulation asks for ticks hundreds of thousands of times
+    _num: int = field(init=False, repr=False, compare=False)
+    _den: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_num", self.step.numerator)
+        object.__setattr__(self, "_den", self.step.denominator)
 
     @classmethod
     def every(cls, interval: float | Fraction) -> Ticks:
@@ -129,12 +137,12 @@ class Ticks:
         return cls(step)
 
     def at(self, k: int) -> float:
-        return k * self.step.numerator / self.step.denominator
+        return k * self._num / self._den
 
     def index_at_or_before(self, t: float) -> int:
         """The last k with at(k) ≤ t (negative before tick 0)."""
         num, den = t.as_integer_ratio()
-        k = (num * self.step.denominator) // (den * self.step.numerator)
+        k = (num * self._den) // (den * self._num)
         while self.at(k) > t:
             k -= 1
         while self.at(k + 1) <= t:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -77,12 +78,20 @@ def write_outputs(result: SimResult, out_dir: Path, title: str | None = None) ->
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = clean_json(result.summary)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "events.jsonl").write_text(h.dump_jsonl(result.events))
+    # pyarrow encodes Parquet without holding the GIL: the tables are written while the plots
+    # draw (matplotlib stays on this thread)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        tables = pool.submit(_write_tables, result, out_dir)
+        plot_timeline(result, out_dir / "timeline.png", title=title)
+        plot_latency(result, out_dir / "latency.png", title=title)
+        tables.result()
+
+
+def _write_tables(result: SimResult, out_dir: Path) -> None:
     result.requests.to_parquet(out_dir / "requests.parquet", index=False)
     result.timeline.to_parquet(out_dir / "timeline.parquet", index=False)
     result.replicas.to_parquet(out_dir / "replicas.parquet", index=False)
-    (out_dir / "events.jsonl").write_text(h.dump_jsonl(result.events))
-    plot_timeline(result, out_dir / "timeline.png", title=title)
-    plot_latency(result, out_dir / "latency.png", title=title)
 
 
 # ---- the command line's side ---------------------------------------------------------------

@@ -196,12 +196,15 @@ class Engine:
     def wake(self, t: float) -> list[int]:
         """Bring the engine to time t (its scheduled event); returns the requests finished."""
         heap = self.heap
-        if not heap or t < self.stall_end:
+        se = self.stall_end
+        if not heap or t < se:
             return []
         m = self.m
         dts = m.dt
         dt = dts[len(heap)]
-        tv = self.tv if self.tv > self.stall_end else self.stall_end
+        tv = self.tv
+        if se > tv:
+            tv = se
         v = self.v
         if t > tv:
             v += (t - tv) / dt

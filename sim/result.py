@@ -87,8 +87,11 @@ class RolloutOutcome:
     capped_at: int | None = None  # the smallest pool the GPUs' cap allowed, if it bit
 
 
-def _percentile(values: np.ndarray, q: float) -> float | None:
-    return float(np.percentile(values, q)) if len(values) else None
+def _percentiles(values: np.ndarray, *qs: float) -> list[float | None]:
+    """Several percentiles of one array in one pass (one partition, not one per percentile)."""
+    if not len(values):
+        return [None] * len(qs)
+    return [float(x) for x in np.percentile(values, qs)]
 
 
 def _mean(values: np.ndarray) -> float | None:
@@ -153,6 +156,8 @@ def summarize(
     node_cost = node_h * billing.node_hour_usd
     last = timeline.iloc[-1]
     peak = int(timeline["gpus_in_use"].max())
+    latency_p50, latency_p99 = _percentiles(latency, 50, 99)
+    ttft_p50, ttft_p99 = _percentiles(ttft, 50, 99)
     n = len(requests)
     dropped = int(dropped_mask.sum())
     failed = int(failed_mask.sum())
@@ -167,13 +172,13 @@ def summarize(
         "drop_rate": dropped / n if n else 0.0,
         "failed_rate": failed / n if n else 0.0,
         "latency_mean_s": _mean(latency),
-        "latency_p50_s": _percentile(latency, 50),
-        "latency_p99_s": _percentile(latency, 99),
+        "latency_p50_s": latency_p50,
+        "latency_p99_s": latency_p99,
         "wait_mean_s": _mean(requests["wait_s"].to_numpy()[served]),
-        "ttft_p50_s": _percentile(ttft, 50),
-        "ttft_p99_s": _percentile(ttft, 99),
-        "latency_p99_rollout_s": _percentile(during_latency, 99),
-        "ttft_p99_rollout_s": _percentile(during_ttft, 99),
+        "ttft_p50_s": ttft_p50,
+        "ttft_p99_s": ttft_p99,
+        "latency_p99_rollout_s": _percentiles(during_latency, 99)[0],
+        "ttft_p99_rollout_s": _percentiles(during_ttft, 99)[0],
         "rollout_start_s": start,
         "rollout_end_s": end,
         "rollout_duration_s": None if start is None or end is None else end - start,
@@ -209,7 +214,8 @@ def guard_summary(
     by the bad version or failed); for a good one, the candidate's failed requests. `detect_s`:
     from a bad release's first request to the guard's action (None if it never tripped)."""
     tripped = next((e.t for e in events if isinstance(e, h.GuardBreached)), None)
-    on_candidate = requests["version"].to_numpy() == "candidate"
+    version = requests["version"]  # compared by category code: no million-string array
+    on_candidate = version.cat.codes.to_numpy() == version.cat.categories.get_loc("candidate")
     if not bad:
         on_candidate &= requests["dropped"].to_numpy() | requests["failed"].to_numpy()
     first = requests["arrival_s"].to_numpy()[on_candidate]

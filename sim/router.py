@@ -286,14 +286,6 @@ class Router:
         self.first[k] = end if svc.prefill is None else now + svc.prefill[k] * factor
         heapq.heappush(self.heap, (end, k, rep))
 
-    def _schedule(self, eng: Engine, rep: Replica) -> None:
-        """Keep one valid heap entry for the engine, at its next finish."""
-        t = eng.next_t
-        if t != eng.scheduled:
-            eng.scheduled = t
-            if t < INF:
-                heapq.heappush(self.heap, (t, -1 - rep.id, rep))
-
     # ---- the hot loop ------------------------------------------------------------------------
 
     def advance(self, until: float) -> None:
@@ -312,9 +304,10 @@ class Router:
         end, status, fails = self.end, self.status, self.fails
         maxo, timeout = self.max_ongoing, self.timeout_s
         vdraw, pdraw = self._version_draw, self._pick_draw
-        serve, schedule = self._serve, self._schedule
-        avail_add = self._avail_add
-        heappop = heapq.heappop
+        replica, version = self.replica, self.version
+        serve = self._serve
+        avail_add, avail_remove = self._avail_add, self._avail_remove
+        heappop, heappush = heapq.heappop, heapq.heappush
         weight = self.weight  # only the control plane changes it, between calls
         sessions, session_weight = self.sessions, self.session_weight
         i = self.next_i
@@ -335,8 +328,12 @@ class Router:
                         if t != eng.scheduled:
                             continue  # stale: the engine's next event moved since
                         eng.scheduled = INF
-                        if eng.next_t > t:  # early: a prefill since pushed the finish later
-                            schedule(eng, rep)
+                        nt = eng.next_t
+                        if nt > t:  # early: a prefill since pushed the finish later
+                            # `_schedule`, inlined (it runs about once per request)
+                            if nt < INF:
+                                eng.scheduled = nt
+                                heappush(heap, (nt, -1 - rep.id, rep))
                             continue
                         done = eng.wake(t)
                     drained = False
@@ -360,8 +357,12 @@ class Router:
                             serve(k, rep, t)
                         elif rep.slot < 0 and rep.ongoing < maxo:
                             avail_add(rep)
-                    if eng is not None:
-                        schedule(eng, rep)
+                    if eng is not None and eng.next_t != eng.scheduled:
+                        # `_schedule`, inlined (it runs once per engine event)
+                        nt = eng.next_t
+                        eng.scheduled = nt
+                        if nt < INF:
+                            heappush(heap, (nt, -1 - rep.id, rep))
                     if drained:
                         self.on_drained(rep, t)
                         break
@@ -386,7 +387,7 @@ class Router:
                 av = avail[v]
                 if not av:
                     lanes[v].append(k)
-                    self.version[k] = v
+                    version[k] = v
                     continue
                 reps = ready[v]
                 m = len(reps)
@@ -414,7 +415,23 @@ class Router:
                             other = av[b]
                             if other.ongoing < rep.ongoing:
                                 rep = other
-                serve(k, rep, t)
+                eng = rep.engine
+                if eng is None:
+                    serve(k, rep, t)
+                    continue
+                # `_serve` for an engine, inlined: it runs once per request
+                ongoing = rep.ongoing + 1
+                rep.ongoing = ongoing
+                self.inflight += 1
+                if ongoing >= maxo and rep.slot >= 0:
+                    avail_remove(rep)
+                replica[k] = rep.id
+                version[k] = rep.version
+                eng.admit(k, t)
+                nt = eng.next_t
+                if nt < eng.scheduled:  # see `_serve`
+                    eng.scheduled = nt
+                    heappush(heap, (nt, -1 - rep.id, rep))
         finally:
             self.next_i = i
 
