@@ -25,6 +25,7 @@ from typing import Any
 
 from executor.plan import ROLES, Memory, Plan
 from rollout import controller as c
+from rollout.capacity import replicas_fitting
 
 # a replica placed a moment ago can still lack a node in Serve's details while the GPU count
 # already shows it: only one unplaced for this long counts as waiting for a GPU
@@ -61,6 +62,22 @@ def listed_gpus(details: dict[str, Any]) -> float:
             per = float(options.get("num_gpus") or 0)
             total += per * sum(1 for r in dep.get("replicas", []) if r.get("node_id"))
     return total
+
+
+def capacity(plan: Plan, snap: Snapshot) -> int | None:
+    """Replicas' worth of GPUs the cluster can give the pool (`Observation.capacity`, which
+    caps the pool's size so that a step's surge fits): every GPU of the cluster but those the
+    replicas of other applications hold, at the new version's GPUs per replica. GPUs in use
+    that no listed replica accounts for (replicas of the pool Serve just dropped, whose GPU
+    Ray has not given back yet) count as the pool's, so a scale-down does not shrink the
+    capacity for a moment. None when a replica needs no GPU: no cap."""
+    per = plan.gpus(c.CANDIDATE)
+    if per <= 0:
+        return None
+    mine = {plan.app(role) for role in ROLES}
+    others = {k: v for k, v in snap.details.get("applications", {}).items() if k not in mine}
+    held_by_others = listed_gpus({"applications": others})
+    return replicas_fitting(snap.total_gpus - held_by_others, per)
 
 
 def to_probe(plan: Plan, mem: Memory, details: dict[str, Any]) -> list[dict[str, Any]]:
