@@ -64,20 +64,22 @@ def listed_gpus(details: dict[str, Any]) -> float:
     return total
 
 
-def capacity(plan: Plan, snap: Snapshot) -> int | None:
+def capacity(plan: Plan, snap: Snapshot, seen: dict[str, c.VersionObservation]) -> int | None:
     """Replicas' worth of GPUs the cluster can give the pool (`Observation.capacity`, which
-    caps the pool's size so that a step's surge fits): every GPU of the cluster but those the
-    replicas of other applications hold, at the new version's GPUs per replica. GPUs in use
-    that no listed replica accounts for (replicas of the pool Serve just dropped, whose GPU
-    Ray has not given back yet) count as the pool's, so a scale-down does not shrink the
-    capacity for a moment. None when a replica needs no GPU: no cap."""
+    caps the pool's size so that a step's surge fits): the free GPUs plus those the pool's
+    replicas hold, at the new version's GPUs per replica; None when a replica needs no GPU.
+
+    The pool holds a GPU for every replica counted ready, starting or draining, except those
+    waiting for a GPU. A replica placed a moment ago may not show its node yet while Ray
+    already counts its GPU as used, and one just unplaced may show it free already: counting
+    such replicas as held errs towards a larger capacity for an instant (a step that waits a
+    moment), never a smaller one (a cap that would shrink the serving version for nothing).
+    GPUs held by anything else (other applications, placement groups) are not the pool's."""
     per = plan.gpus(c.CANDIDATE)
     if per <= 0:
         return None
-    mine = {plan.app(role) for role in ROLES}
-    others = {k: v for k, v in snap.details.get("applications", {}).items() if k not in mine}
-    held_by_others = listed_gpus({"applications": others})
-    return replicas_fitting(snap.total_gpus - held_by_others, per)
+    held = sum(plan.gpus(r) * max(0, v.holding - v.pending_gpu) for r, v in seen.items())
+    return replicas_fitting(snap.free_gpus + held, per)
 
 
 def to_probe(plan: Plan, mem: Memory, details: dict[str, Any]) -> list[dict[str, Any]]:

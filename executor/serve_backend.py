@@ -73,7 +73,7 @@ class ServeBackend:
             desired=desired,
             current=seen[c.CURRENT],
             candidate=seen[c.CANDIDATE],
-            capacity=observation.capacity(self.plan, snap),
+            capacity=observation.capacity(self.plan, snap, seen),
         )
 
     def _desired(self, mem: Memory, now: float) -> int:

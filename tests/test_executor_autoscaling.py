@@ -385,3 +385,29 @@ def test_a_surge_rollout_on_a_full_cluster_is_capped_and_completes(
     # uncapped, the step would need 6 + 3 GPUs and wait out its 90 s deadline
     assert marks["rollout ended"] - marks[f"{old} at {GPUS} replicas, all GPUs"] < 60
     assert applied(events, f"hand {new} to Serve's autoscaling at 4")
+
+
+def test_a_cancelled_rollout_hands_the_old_version_back(ray_cluster: RayCluster) -> None:
+    c = ray_cluster
+    old = live_or_deploy(c)
+    new = other(old)
+    clients = Clients(c)
+    clients.add(1)
+    marks: dict[str, float] = {}
+    with Recorder() as rec:
+        before = serve_settles(old, 2)
+        rollout_id = c.deploy_detached(deploy_file(c, new))
+        marks["rollout started"] = time.time()
+        assert c.cli("cancel", rollout_id).returncode == 0
+        end = ended(c, rollout_id)
+        marks["rollout ended"] = time.time()
+        after = scaling(old)
+        answers = clients.stop()
+    rec.timeline(f"cancelled rollout {old} → {new}", marks)
+    assert end["state"] == "cancelled", end
+    no_failures(answers)
+    handed = applied(history(c, rollout_id), f"hand {old} to Serve's autoscaling at 2")
+    assert len(handed) == 1
+    # back with Serve at 2, on the very replicas that served before the rollout
+    assert after["serve"] and after["target"] == 2 and after["running"] == before["running"]
+    assert new not in {v for _, s in rec.samples[-1:] for v in s}

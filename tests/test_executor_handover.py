@@ -7,6 +7,7 @@ The real hand-over (no restart, no dip) is measured in tests/test_executor_autos
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from test_executor_observation import plan_for, recorded
 from executor import observation
 from executor.apply_order import order
 from executor.observation import Snapshot
-from executor.plan import ROLES, Plan
+from executor.plan import ROLES, Memory, Plan
 from executor.serve_config import autoscaling_of, scaling_of, with_versions
 from rollout import controller as c
 from rollout.autoscaler import AutoscalingConfig
@@ -132,18 +133,20 @@ def test_scaling_of_reads_who_sizes_a_version(conf: dict[str, Any] | None, scale
     assert (got["running"], got["target"], got["scaled_by"]) == (2, 3, scaled_by)
 
 
-def test_capacity_is_every_gpu_but_those_of_other_applications() -> None:
+def test_capacity_is_the_free_gpus_and_those_the_pool_holds() -> None:
+    """Recorded on 4 GPUs: v1's 2 replicas and v2's 1 placed, 1 GPU free."""
     snaps = recorded("candidate_starts")
     plan = plan_for(snaps, "v2")
     snap = snaps[-1]
-    assert observation.capacity(plan, snap) == int(snap.total_gpus)  # only this model runs
-    details = copy.deepcopy(snap.details)
-    other = copy.deepcopy(details["applications"]["m_v1"])
-    details["applications"]["other_v1"] = other
-    placed = sum(1 for r in next(iter(other["deployments"].values()))["replicas"] if r["node_id"])
-    assert placed >= 1
-    crowded = Snapshot(snap.time, details, snap.free_gpus, snap.total_gpus)
-    assert observation.capacity(plan, crowded) == int(snap.total_gpus) - placed
+    seen, _ = observation.observe(plan, Memory(targets={c.CURRENT: 2, c.CANDIDATE: 1}), snap, set())
+    assert (seen[c.CURRENT].holding, seen[c.CANDIDATE].holding, snap.free_gpus) == (2, 1, 1.0)
+    assert observation.capacity(plan, snap, seen) == 4
+    # a GPU something else takes (another application, a placement group) is not the pool's
+    taken = Snapshot(snap.time, snap.details, 0.0, snap.total_gpus)
+    assert observation.capacity(plan, taken, seen) == 3
+    # a replica waiting for a GPU holds none
+    waiting = {**seen, c.CANDIDATE: replace(seen[c.CANDIDATE], pending_gpu=1)}
+    assert observation.capacity(plan, taken, waiting) == 2
     cpu_only = plan.model_copy(deep=True)
     cpu_only.candidate_app["deployments"][0]["ray_actor_options"]["num_gpus"] = 0
-    assert observation.capacity(cpu_only, snap) is None
+    assert observation.capacity(cpu_only, snap, seen) is None
