@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from executor_fixtures import (
     GPUS,
     RayCluster,
+    Sampler,
     live_version,
     other,
     ray_cluster,
@@ -86,31 +85,15 @@ def _name(state: Any) -> str:
     return str(getattr(state, "value", state))
 
 
-@dataclass
-class Recorder:
+class Recorder(Sampler):
     """Each version's running replicas and Serve's target, sampled from a thread."""
 
-    every_s: float = 0.3
-    samples: list[tuple[float, dict[str, dict[str, Any]]]] = field(default_factory=list)
+    every_s = 0.3
 
-    def __post_init__(self) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            details = serve_details()
-            now = {v: scaling(v, details) for v in ("v1", "v2")}
-            self.samples.append((time.time(), {v: s for v, s in now.items() if s["target"]}))
-            self._stop.wait(self.every_s)
-
-    def __enter__(self) -> Recorder:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
+    def sample(self) -> tuple[float, dict[str, dict[str, Any]]]:
+        details = serve_details()
+        now = {v: scaling(v, details) for v in ("v1", "v2")}
+        return time.time(), {v: s for v, s in now.items() if s["target"]}
 
     def timeline(self, title: str, marks: dict[str, float]) -> list[str]:
         """The changes only: `+12.3 s  v1 2/2 (serve)  v2 1/1 (fixed)`, plus named marks."""
