@@ -355,11 +355,14 @@ def test_a_surge_rollout_on_a_full_cluster_is_capped_and_completes(
     rec.timeline(f"capped rollout {old} → {new} on a full cluster", marks)
     no_failures(answers)
     assert regrown["serve"]
-    # the controller took the pool over at the live count (6), not the deploy file's 2
-    taken = next(s[old] for _, s in rec.samples if old in s and not s[old]["serve"])
-    assert taken["target"] == GPUS and len(taken["running"]) == GPUS
+    # the controller took the pool over at the live count (6), not the deploy file's 2, and
+    # pinning the old version restarted none of its replicas (those kept are Serve's own)
+    served = [s[old]["running"] for _, s in rec.samples if old in s and s[old]["serve"]]
+    pinned = next(s[old]["running"] for _, s in rec.samples if old in s and not s[old]["serve"])
+    assert len(served[-1]) == GPUS and pinned and pinned <= served[-1]
 
     events = c.history(rollout_id)  # as `rollout history` prints it
+    assert events[0]["kind"] == "rollout_started" and events[0]["desired"] == GPUS
     capped = [e for e in events if e["kind"] == "capped"]
     print("capped:", [(e["desired"], e["allowed"], e["reason"]) for e in capped], flush=True)
     # 6 GPUs at 50 % surge: a pool of 4 leaves room for its surge of 2
