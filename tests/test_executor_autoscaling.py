@@ -174,6 +174,14 @@ def serve_settles(version: str, n: int, timeout: float = 60) -> dict[str, Any]:
     return wait_for(at_n, timeout, 0.3, f"Serve to hold {version} at {n} replicas")
 
 
+def handed_back(version: str) -> dict[str, Any]:
+    """The version once Serve applied the hand-back (`deploy_apps` returns before Serve's
+    controller has applied the new config)."""
+    return wait_for(
+        lambda: (s := scaling(version))["serve"] and s, 20, 0.2, f"{version} handed to Serve"
+    )
+
+
 def ended(c: RayCluster, rollout_id: str, timeout: float = 120) -> dict[str, Any]:
     return wait_for(
         lambda: (s := c.peek(rollout_id))["state"] in ("succeeded", "failed", "cancelled") and s,
@@ -302,7 +310,7 @@ def test_a_rollout_takes_the_pool_over_resizes_with_the_load_and_hands_it_back(
         assert c.cli("resume", rollout_id).returncode == 0
         end = ended(c, rollout_id)
         marks["rollout ended"] = time.time()
-        after = scaling(new)
+        after = handed_back(new)
         answers = clients.stop()
     lines = rec.timeline(f"rollout {old} → {new} under changing load", marks)
     assert end["state"] == "succeeded", end
@@ -387,7 +395,7 @@ def test_a_cancelled_rollout_hands_the_old_version_back(ray_cluster: RayCluster)
         assert c.cli("cancel", rollout_id).returncode == 0
         end = ended(c, rollout_id)
         marks["rollout ended"] = time.time()
-        after = scaling(old)
+        after = handed_back(old)
         answers = clients.stop()
     rec.timeline(f"cancelled rollout {old} → {new}", marks)
     assert end["state"] == "cancelled", end
