@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -206,12 +207,22 @@ def _cleanup(ray_cluster: RayCluster) -> Iterator[None]:
     remove(NAME)
 
 
+@pytest.fixture
+def clients(ray_cluster: RayCluster) -> Iterator[Clients]:
+    """The test's clients, stopped when it ends (also when it fails: load left running would
+    keep the next test's version scaled up)."""
+    got = Clients(ray_cluster)
+    yield got
+    got.stop()
+
+
 # ---- the tests -------------------------------------------------------------------------------
 
 
-def test_the_live_version_scales_up_and_down_between_rollouts(ray_cluster: RayCluster) -> None:
+def test_the_live_version_scales_up_and_down_between_rollouts(
+    ray_cluster: RayCluster, clients: Clients
+) -> None:
     c = ray_cluster
-    clients = Clients(c)
     marks: dict[str, float] = {}
     with Recorder() as rec:
         if live_version(NAME) is None:
@@ -237,9 +248,10 @@ def test_the_live_version_scales_up_and_down_between_rollouts(ray_cluster: RayCl
         assert status.returncode == 0, status.stderr
         live = json.loads(status.stdout)["live"][version]
         assert live["scaled_by"] == "serve" and live["running"] >= 4
-        text = c.cli("status", NAME).stdout
-        assert f"live {version}: {live['running']} running, target {live['target']} " in text
-        assert "(by Serve's autoscaling, 2–6)" in text
+        text = c.cli("status", NAME).stdout  # a moment later: Serve may have moved on
+        line = re.search(rf"live {version}: (\d+) running, target (\d+) \(by (.*)\)", text)
+        assert line, text
+        assert int(line[1]) >= 4 and int(line[2]) >= 4 and line[3] == "Serve's autoscaling, 2–6"
 
         clients.drop(4)
         marks["load: none"] = time.time()
@@ -256,18 +268,18 @@ def test_the_live_version_scales_up_and_down_between_rollouts(ray_cluster: RayCl
 
 
 def test_a_rollout_takes_the_pool_over_resizes_with_the_load_and_hands_it_back(
-    ray_cluster: RayCluster,
+    ray_cluster: RayCluster, clients: Clients
 ) -> None:
     c = ray_cluster
     old = live_or_deploy(c)
     new = other(old)
-    clients = Clients(c)
-    clients.add(2)
-    marks: dict[str, float] = {"load: 2 clients": time.time()}
+    marks: dict[str, float] = {}
     with Recorder() as rec:
         serve_settles(old, 2)
         rollout_id = c.deploy_detached(deploy_file(c, new))
         marks["rollout started"] = time.time()
+        clients.add(2)
+        marks["load: 2 clients"] = time.time()
         assert c.cli("pause", rollout_id).returncode == 0
         paused = wait_for(
             lambda: (s := c.peek(rollout_id))["state"] == "paused" and s, 90, 0.3, "the pause"
@@ -341,12 +353,11 @@ def test_a_rollout_takes_the_pool_over_resizes_with_the_load_and_hands_it_back(
 
 
 def test_a_surge_rollout_on_a_full_cluster_is_capped_and_completes(
-    ray_cluster: RayCluster,
+    ray_cluster: RayCluster, clients: Clients
 ) -> None:
     c = ray_cluster
     old = live_or_deploy(c)
     new = other(old)
-    clients = Clients(c)
     clients.add(GPUS)  # the live version grows to every GPU of the cluster
     marks: dict[str, float] = {}
     with Recorder() as rec:
@@ -381,11 +392,12 @@ def test_a_surge_rollout_on_a_full_cluster_is_capped_and_completes(
     assert applied(events, f"hand {new} to Serve's autoscaling at 4")
 
 
-def test_a_cancelled_rollout_hands_the_old_version_back(ray_cluster: RayCluster) -> None:
+def test_a_cancelled_rollout_hands_the_old_version_back(
+    ray_cluster: RayCluster, clients: Clients
+) -> None:
     c = ray_cluster
     old = live_or_deploy(c)
     new = other(old)
-    clients = Clients(c)
     clients.add(1)
     marks: dict[str, float] = {}
     with Recorder() as rec:
