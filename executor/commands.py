@@ -283,8 +283,9 @@ def _live(rec: store.Record) -> dict[str, Any]:
     """Each live version of the model, as Serve sizes it now; {"error": why} when the
     cluster cannot be asked (the rest of the status still prints)."""
     from executor.auth import token_for, use
+    from executor.observation import scaling_of
     from executor.plan import Plan
-    from executor.serve_config import live_versions, scaling_of
+    from executor.serve_config import live_versions
 
     plan = Plan.model_validate_json(rec.plan)
     try:

@@ -82,6 +82,24 @@ def capacity(plan: Plan, snap: Snapshot, seen: dict[str, c.VersionObservation]) 
     return replicas_fitting(snap.free_gpus + held, per)
 
 
+def scaling_of(app: dict[str, Any]) -> dict[str, Any]:
+    """How Serve sizes one version application now, from its details: `running` replicas,
+    Serve's `target` and who sets it (`serve`: its autoscaling between bounds; `fixed`:
+    `num_replicas` or bounds pinned to one count, as a rollout's controller writes them)."""
+    deps = list(app.get("deployments", {}).values())
+    dep = deps[0] if deps else {}
+    conf = (dep.get("deployment_config") or {}).get("autoscaling_config")
+    running = sum(1 for r in dep.get("replicas", []) if _value(r.get("state")) == "RUNNING")
+    out: dict[str, Any] = {
+        "running": running,
+        "target": int(dep.get("target_num_replicas") or 0),
+        "scaled_by": "serve" if conf and conf["min_replicas"] < conf["max_replicas"] else "fixed",
+    }
+    if conf:
+        out.update(min_replicas=conf.get("min_replicas"), max_replicas=conf.get("max_replicas"))
+    return out
+
+
 def to_probe(plan: Plan, mem: Memory, details: dict[str, Any]) -> list[dict[str, Any]]:
     """The running replicas of both versions whose health probe has not passed yet."""
     out = []

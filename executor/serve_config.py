@@ -98,26 +98,3 @@ def autoscaling_of(plan: Plan, role: str, replicas: int) -> dict[str, Any] | Non
         return None
     lo, hi = int(old.get("min_replicas", 1)), int(old.get("max_replicas", 1))
     return {**old, "initial_replicas": max(lo, min(hi, replicas))}
-
-
-def scaling_of(app: dict[str, Any]) -> dict[str, Any]:
-    """How Serve sizes one version application now, from its details: `running` replicas,
-    Serve's `target` and who sets it (`serve`: its autoscaling between bounds; `fixed`:
-    `num_replicas` or bounds pinned to one count, as a rollout's controller writes them)."""
-    deps = list(app.get("deployments", {}).values())
-    dep = deps[0] if deps else {}
-    conf = (dep.get("deployment_config") or {}).get("autoscaling_config")
-    running = sum(1 for r in dep.get("replicas", []) if _name(r.get("state")) == "RUNNING")
-    out: dict[str, Any] = {
-        "running": running,
-        "target": int(dep.get("target_num_replicas") or 0),
-        "scaled_by": "serve" if conf and conf["min_replicas"] < conf["max_replicas"] else "fixed",
-    }
-    if conf:
-        out.update(min_replicas=conf.get("min_replicas"), max_replicas=conf.get("max_replicas"))
-    return out
-
-
-def _name(status: Any) -> str:
-    """A state as its name (Serve's client hands enum members over, recorded JSON strings)."""
-    return str(getattr(status, "value", status))

@@ -334,7 +334,11 @@ def find_latest(app: str) -> tuple[Store, Record] | None:
             continue
         rec = store.latest(app)
         if rec is not None and (best is None or rec.created_at > best[1].created_at):
+            if best is not None:
+                best[0].dispose()
             best = (store, rec)
+        else:
+            store.dispose()
     return best
 
 

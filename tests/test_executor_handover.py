@@ -17,9 +17,9 @@ from test_executor_observation import plan_for, recorded
 
 from executor import observation
 from executor.apply_order import order
-from executor.observation import Snapshot
+from executor.observation import Snapshot, scaling_of
 from executor.plan import ROLES, Memory, Plan
-from executor.serve_config import autoscaling_of, scaling_of, with_versions
+from executor.serve_config import autoscaling_of, with_versions
 from rollout import controller as c
 from rollout.autoscaler import AutoscalingConfig
 
