@@ -10,6 +10,10 @@ The confirmation is part of the first write whenever the weight changed or a sca
 follows, also when the cluster already runs that config: a re-run of a step after a crash
 between `deploy_apps` and the step's checkpoint, or after a timed-out acknowledgement, finds
 the config deployed and must still not scale down before the router has confirmed it.
+
+The decision that finishes the rollout ends with one more write (or its scale-downs' write):
+the hand-back, which gives the versions still running to Serve's own autoscaling at the
+counts they have (executor/serve_config.py).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class Write:
     session_weight: float  # the candidate's share of sticky sessions (rollout/sticky.py)
     confirm: bool  # wait until every router replica routes by this write's weight
     applied: tuple[str, ...]  # the actions it completes, as `action_applied` names them
+    hand_back: bool = False  # the rollout ends: its versions go back to Serve's autoscaling
 
 
 @dataclass(frozen=True)
@@ -70,5 +75,7 @@ def order(
         writes.append(Write(first, new_weight, new_sessions, confirm, tuple(names)))
     if downs or finished:
         names = [f"scale {r} to {new[r]}" for r in downs]
-        writes.append(Write(dict(new), new_weight, new_sessions, False, tuple(names)))
+        writes.append(
+            Write(dict(new), new_weight, new_sessions, False, tuple(names), bool(finished))
+        )
     return Order(tuple(writes), new, new_weight, new_sessions, tuple(finished))

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from executor import cluster, rollouts, serve_calls, status, store
 from executor.deploy_file import DeploySpec, load_deploy_file
@@ -266,9 +266,35 @@ def _spawn(st: store.Store, rollout_id: str, mode: str) -> tuple[int, str]:
 # ---- reading and controlling ----------------------------------------------------------------
 
 
-def status_command(rollout_id: str, as_json: bool = False) -> None:
-    s = rollouts.find(rollout_id).status()
+def status_command(ref: str, as_json: bool = False) -> None:
+    """A rollout's status by its id; by a model's name, its last rollout's status and what the
+    cluster runs now (`live`: each version's running replicas and Serve's target)."""
+    try:
+        s = rollouts.find(ref).status()
+    except InputError:
+        t = rollouts.find_model(ref)
+        if t is None:
+            raise
+        s = {**t.status(), "live": _live(t.rec)}
     print(json.dumps(s) if as_json else status.format_status(s))
+
+
+def _live(rec: store.Record) -> dict[str, Any]:
+    """Each live version of the model, as Serve sizes it now; {"error": why} when the
+    cluster cannot be asked (the rest of the status still prints)."""
+    from executor.auth import token_for, use
+    from executor.observation import scaling_of
+    from executor.plan import Plan
+    from executor.serve_config import live_versions
+
+    plan = Plan.model_validate_json(rec.plan)
+    try:
+        use(token_for(plan.spec.cluster))
+        serve_calls.connect(rec.cluster or plan.address)
+        details = serve_calls.details()
+    except (BackendError, InputError) as e:
+        return {"error": str(e)}
+    return {v: scaling_of(app) for v, app in sorted(live_versions(plan.name, details).items())}
 
 
 def history_command(rollout_id: str, as_json: bool = False) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 
 from executor.plan import ROLES, Memory, Plan
 from rollout import controller as c
+from rollout.capacity import replicas_fitting
 
 # a replica placed a moment ago can still lack a node in Serve's details while the GPU count
 # already shows it: only one unplaced for this long counts as waiting for a GPU
@@ -61,6 +62,42 @@ def listed_gpus(details: dict[str, Any]) -> float:
             per = float(options.get("num_gpus") or 0)
             total += per * sum(1 for r in dep.get("replicas", []) if r.get("node_id"))
     return total
+
+
+def capacity(plan: Plan, snap: Snapshot, seen: dict[str, c.VersionObservation]) -> int | None:
+    """Replicas' worth of GPUs the cluster can give the pool (`Observation.capacity`, which
+    caps the pool's size so that a step's surge fits): the free GPUs plus those the pool's
+    replicas hold, at the new version's GPUs per replica; None when a replica needs no GPU.
+
+    The pool holds a GPU for every replica counted ready, starting or draining, except those
+    waiting for a GPU. A replica placed a moment ago may not show its node yet while Ray
+    already counts its GPU as used, and one just unplaced may show it free already: counting
+    such replicas as held errs towards a larger capacity for an instant (a step that waits a
+    moment), never a smaller one (a cap that would shrink the serving version for nothing).
+    GPUs held by anything else (other applications, placement groups) are not the pool's."""
+    per = plan.gpus(c.CANDIDATE)
+    if per <= 0:
+        return None
+    held = sum(plan.gpus(r) * max(0, v.holding - v.pending_gpu) for r, v in seen.items())
+    return replicas_fitting(snap.free_gpus + held, per)
+
+
+def scaling_of(app: dict[str, Any]) -> dict[str, Any]:
+    """How Serve sizes one version application now, from its details: `running` replicas,
+    Serve's `target` and who sets it (`serve`: its autoscaling between bounds; `fixed`:
+    `num_replicas` or bounds pinned to one count, as a rollout's controller writes them)."""
+    deps = list(app.get("deployments", {}).values())
+    dep = deps[0] if deps else {}
+    conf = (dep.get("deployment_config") or {}).get("autoscaling_config")
+    running = sum(1 for r in dep.get("replicas", []) if _value(r.get("state")) == "RUNNING")
+    out: dict[str, Any] = {
+        "running": running,
+        "target": int(dep.get("target_num_replicas") or 0),
+        "scaled_by": "serve" if conf and conf["min_replicas"] < conf["max_replicas"] else "fixed",
+    }
+    if conf:
+        out.update(min_replicas=conf.get("min_replicas"), max_replicas=conf.get("max_replicas"))
+    return out
 
 
 def to_probe(plan: Plan, mem: Memory, details: dict[str, Any]) -> list[dict[str, Any]]:

@@ -103,3 +103,12 @@ def find(rollout_id: str) -> Tracked:
     """Any recorded rollout by id, from whichever known store holds it."""
     st, rec = store.find(rollout_id)
     return track(st, status.client(st.url), rec)
+
+
+def find_model(name: str) -> Tracked | None:
+    """A model's most recent rollout (by the model's name), or None."""
+    got = store.find_latest(name)
+    if got is None:
+        return None
+    st, rec = got
+    return track(st, status.client(st.url), rec)

@@ -25,7 +25,7 @@ from executor import observation, router_link, serve_calls
 from executor.apply_order import Write, order
 from executor.observation import Snapshot
 from executor.plan import ROLES, Memory, Plan
-from executor.serve_config import declarative_apps, with_versions
+from executor.serve_config import autoscaling_of, declarative_apps, with_versions
 from rollout import controller as c
 from rollout import history as h
 from rollout.autoscaler import Autoscaler
@@ -75,7 +75,11 @@ class ServeBackend:
         desired = self._desired(mem, snap.time)
         self.mem, self.snapshot = mem, snap
         return c.Observation(
-            time=snap.time, desired=desired, current=seen[c.CURRENT], candidate=seen[c.CANDIDATE]
+            time=snap.time,
+            desired=desired,
+            current=seen[c.CURRENT],
+            candidate=seen[c.CANDIDATE],
+            capacity=observation.capacity(self.plan, snap, seen),
         )
 
     def _desired(self, mem: Memory, now: float) -> int:
@@ -100,21 +104,32 @@ class ServeBackend:
         self._check_gpus({r: n for r, n in added.items() if n > 0})
         for w in plan.writes:
             began = time.time()
-            self._write(w)
+            handed = self._write(w)
             done = time.time()
             for name in w.applied:
                 self._applied(name, done, began)
+            for role in handed:
+                what = f"hand {self.plan.version(role)} to Serve's autoscaling at {w.targets[role]}"
+                self._applied(what, done, began)
         for outcome in plan.finished:
             self._applied(f"finish {outcome}", time.time(), time.time())
         self.mem.targets, self.mem.weight = plan.targets, plan.weight
         self.mem.session_weight = plan.session_weight
 
-    def _write(self, w: Write) -> None:
+    def _write(self, w: Write) -> list[str]:
         """Write the whole declarative config with this write's counts and weight (unless the
-        cluster runs it already); then, if asked, wait for the router to confirm the weight."""
+        cluster runs it already); then, if asked, wait for the router to confirm the weight.
+        Returns the roles handed back to Serve's autoscaling."""
+        handed = [
+            r
+            for r in ROLES
+            if w.hand_back
+            and w.targets.get(r, 0) > 0
+            and autoscaling_of(self.plan, r, w.targets[r]) is not None
+        ]
         with serve_calls.config_lock():
             apps = declarative_apps(serve_calls.details())
-            new = with_versions(self.plan, apps, w.targets)
+            new = with_versions(self.plan, apps, w.targets, frozenset(handed))
             router = router_link.router_app(
                 self.plan, w.targets, w.weight, w.session_weight, apps.get(self.plan.name)
             )
@@ -123,6 +138,7 @@ class ServeBackend:
                 serve_calls.deploy(new)
         if w.confirm:
             router_link.confirm(self.plan, router)
+        return handed
 
     def _applied(self, action: str, done: float, began: float) -> None:
         seconds = round(max(0.0, done - began), 4)

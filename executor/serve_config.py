@@ -7,6 +7,17 @@ controller's weight. Every change is declarative (`deploy_apps` with the whole
 multi-application config), because a repeated `serve.run` restarts every replica; replica
 counts and router weights are lightweight fields, so no running replica restarts. An
 application scaled to zero is dropped from the config, which deletes it.
+
+Who sizes a version is in its config too. A version with an `autoscaling` block always carries
+an `autoscaling_config`: Serve's own between rollouts, and the same one pinned at the
+controller's count (`min_replicas = max_replicas = initial_replicas = n`) while a rollout
+drives it. Never `num_replicas` instead: Serve 2.60 hashes the deployments' autoscaling
+policies into the application's code version (`get_app_code_version`), and a switch between
+`num_replicas` and `autoscaling_config` changes that list ([] ↔ [None]), so Serve rebuilds the
+application and replaces every replica (measured: the only replica stopped before its
+successor ran). A change of bounds is lightweight; Serve registers the new config and takes
+`initial_replicas` as the target, so the hand-over either way keeps every replica running.
+A version without `autoscaling` keeps a plain `num_replicas`.
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ import copy
 from typing import Any
 
 from executor.plan import ROLES, Plan
+from rollout.controller import CANDIDATE
 
 
 def declarative_apps(details: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -38,18 +50,51 @@ def live_versions(name: str, details: dict[str, Any]) -> dict[str, dict[str, Any
 
 
 def with_versions(
-    plan: Plan, apps: dict[str, dict[str, Any]], targets: dict[str, int]
+    plan: Plan,
+    apps: dict[str, dict[str, Any]],
+    targets: dict[str, int],
+    hand_back: frozenset[str] = frozenset(),
 ) -> dict[str, dict[str, Any]]:
-    """`apps` with the plan's version applications at these replica counts (0: removed)."""
+    """`apps` with the plan's version applications at these replica counts (0: removed), held
+    there for the controller; the roles in `hand_back` go to Serve's autoscaling instead,
+    starting at that count."""
     out = copy.deepcopy(apps)
     for role in ROLES:
         app, template = plan.app(role), plan.template(role)
         if app is None or template is None:
             continue
-        if targets.get(role, 0) > 0:
-            conf = copy.deepcopy(template)
-            conf["deployments"][0]["num_replicas"] = targets[role]
-            out[app] = conf
-        else:
+        n = targets.get(role, 0)
+        if n <= 0:
             out.pop(app, None)
+            continue
+        conf = copy.deepcopy(template)
+        dep = conf["deployments"][0]
+        scaling = autoscaling_of(plan, role, n)
+        dep.pop("autoscaling_config", None)
+        dep.pop("num_replicas", None)
+        if scaling is None:
+            dep["num_replicas"] = n
+        elif role in hand_back:
+            dep["autoscaling_config"] = scaling
+        else:  # pinned: Serve's autoscaler can only hold n
+            dep["autoscaling_config"] = scaling | dict.fromkeys(
+                ("min_replicas", "max_replicas", "initial_replicas"), n
+            )
+        out[app] = conf
     return out
+
+
+def autoscaling_of(plan: Plan, role: str, replicas: int) -> dict[str, Any] | None:
+    """Serve's `autoscaling_config` for a version handed back at `replicas` (None: the version
+    has none and stays at a fixed count). The new version scales by its deploy file's
+    `autoscaling`; the old one by the config it was deployed with, so a cancelled rollout
+    leaves it as it was."""
+    if role == CANDIDATE:
+        cfg = plan.spec.autoscaling
+        return None if cfg is None else cfg.to_serve(initial_replicas=replicas)
+    template = plan.template(role) or {"deployments": [{}]}
+    old = template["deployments"][0].get("autoscaling_config")
+    if not old:
+        return None
+    lo, hi = int(old.get("min_replicas", 1)), int(old.get("max_replicas", 1))
+    return {**old, "initial_replicas": max(lo, min(hi, replicas))}

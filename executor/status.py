@@ -110,6 +110,25 @@ def _fields(d: dict[str, Any]) -> str:
     return ",".join(out)
 
 
+def _live_lines(live: dict[str, Any] | None) -> list[str]:
+    """What the cluster runs now (only `rollout status NAME` asks the cluster)."""
+    if live is None:
+        return []
+    if "error" in live:
+        return [f"  live: unknown ({live['error']})"]
+    if not live:
+        return ["  live: no version of this model runs on the cluster"]
+    out = []
+    for version, n in live.items():
+        by = (
+            f"Serve's autoscaling, {n['min_replicas']}–{n['max_replicas']}"
+            if n["scaled_by"] == "serve"
+            else "a fixed count (a rollout's controller, or no autoscaling)"
+        )
+        out.append(f"  live {version}: {n['running']} running, target {n['target']} (by {by})")
+    return out
+
+
 def format_status(s: dict[str, Any]) -> str:
     frm = s.get("from_version") or "nothing"
     lines = [
@@ -128,6 +147,7 @@ def format_status(s: dict[str, Any]) -> str:
     for version, n in s.get("replicas", {}).items():
         counts = ", ".join(f"{k} {v}" for k, v in n.items())
         lines.append(f"  {version}: {counts}")
+    lines.extend(_live_lines(s.get("live")))
     if s.get("waiting") and s["state"] not in TERMINAL:
         lines.append(f"  waiting: {s['waiting']}")
     ctl = s.get("controller", {})

@@ -300,6 +300,17 @@ class Store:
             ).all()
         return [Record(**r._mapping) for r in rows]
 
+    def latest(self, app: str) -> Record | None:
+        """The model's most recent rollout (or first deploy), ended or not."""
+        try:
+            with self.engine.connect() as c:
+                row = c.execute(
+                    INDEX.select().where(INDEX.c.app == app).order_by(INDEX.c.created_at.desc())
+                ).first()
+        except sa.exc.OperationalError:  # a store without the index table
+            return None
+        return Record(**row._mapping) if row else None
+
     def all_active(self) -> list[Record]:
         with self.engine.connect() as c:
             rows = c.execute(INDEX.select().where(INDEX.c.outcome.is_(None))).all()
@@ -372,6 +383,24 @@ def find(rollout_id: str) -> tuple[Store, Record]:
     if unreachable:
         raise InputError(f"{unreachable[0]} (rollout '{rollout_id}' may be recorded there)")
     raise InputError(f"unknown rollout id '{rollout_id}'")
+
+
+def find_latest(app: str) -> tuple[Store, Record] | None:
+    """The store and record of the model's most recent rollout across the known stores."""
+    best: tuple[Store, Record] | None = None
+    for url in known_urls():
+        try:
+            store = Store(url, create=False)
+        except (FileNotFoundError, InputError):
+            continue
+        rec = store.latest(app)
+        if rec is not None and (best is None or rec.created_at > best[1].created_at):
+            if best is not None:
+                best[0].dispose()
+            best = (store, rec)
+        else:
+            store.dispose()
+    return best
 
 
 def dbos_serializer():  # type: ignore[no-untyped-def]

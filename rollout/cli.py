@@ -117,10 +117,12 @@ def recover(
 @app.command()
 @friendly
 def status(
-    rollout_id: Annotated[str, typer.Argument(metavar="ID")],
+    rollout_id: Annotated[
+        str, typer.Argument(metavar="ID|NAME", help="A rollout's id, or a model's name.")
+    ],
     json_: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
 ) -> None:
-    """Show a rollout's state."""
+    """Show a rollout's state; by a model's name, its last rollout and its live replicas."""
     from executor.commands import status_command
 
     status_command(rollout_id, as_json=json_)

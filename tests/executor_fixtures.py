@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -241,34 +241,46 @@ class Sample:
     gpus_used: float
 
 
-@dataclass
-class Monitor:
-    """Watches both versions' replicas every few hundred milliseconds from a thread."""
+class Sampler:
+    """Takes `sample()` every `every_s` seconds from a thread while in its `with` block."""
 
-    apps: tuple[str, ...]
-    every_s: float = 0.2
-    samples: list[Sample] = field(default_factory=list)
+    every_s = 0.2
 
-    def __post_init__(self) -> None:
+    def __init__(self) -> None:
+        self.samples: list[Any] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def sample(self) -> Any:
+        raise NotImplementedError
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            details = serve_details()
-            free = gpus_free()
-            holding = running = 0
-            for app in self.apps:
-                for r in replicas(details, app):
-                    holding += bool(r.get("node_id"))
-                    running += r["state"] == "RUNNING"
-            self.samples.append(Sample(time.time(), holding, running, GPUS - free))
+            self.samples.append(self.sample())
             self._stop.wait(self.every_s)
 
-    def __enter__(self) -> Monitor:
+    def __enter__(self) -> Any:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(5)
+        self._thread.join(10)
+
+
+class Monitor(Sampler):
+    """Watches both versions' replicas every few hundred milliseconds from a thread."""
+
+    def __init__(self, apps: tuple[str, ...]) -> None:
+        super().__init__()
+        self.apps = apps
+
+    def sample(self) -> Sample:
+        details = serve_details()
+        free = gpus_free()
+        holding = running = 0
+        for app in self.apps:
+            for r in replicas(details, app):
+                holding += bool(r.get("node_id"))
+                running += r["state"] == "RUNNING"
+        return Sample(time.time(), holding, running, GPUS - free)

@@ -247,19 +247,19 @@ class TestControls:
 
 
 def test_not_enough_gpus_fails_after_deadline_and_rolls_back(ray_cluster: RayCluster) -> None:
-    """Other work holds 4 of the 6 GPUs; 2 replicas + a surge of 1 need 3: wait, fail, roll
-    back."""
+    """Other work holds 5 of the 6 GPUs; 1 replica + a surge of 1 need 2: no smaller pool fits
+    either (the cap would otherwise shrink the pool to make room), so wait, fail, roll back."""
     from ray.util.placement_group import placement_group, remove_placement_group
 
     c = ray_cluster
     name = "tight"
-    hog = placement_group([{"GPU": 1, "CPU": 0.01}] * (GPUS - 2))
+    hog = placement_group([{"GPU": 1, "CPU": 0.01}] * (GPUS - 1))
     try:
         assert hog.wait(30)
-        old = ensure_live(c, name)
+        old = ensure_live(c, name, replicas=1)
         new = other(old)
         policy = {"max_surge_percent": 50, "stabilization_time_seconds": 0}
-        path = c.deploy_file(name, new, policy=policy, progress_deadline_s=6)
+        path = c.deploy_file(name, new, policy=policy, progress_deadline_s=6, replicas=1)
         started = time.monotonic()
         done = c.cli("deploy", str(path))
         assert done.returncode == 1, done.stdout + done.stderr
@@ -277,7 +277,10 @@ def test_not_enough_gpus_fails_after_deadline_and_rolls_back(ray_cluster: RayClu
         assert not any(e["kind"] == "weight_set" and e["candidate_weight"] > 0 for e in events)
         details = serve_details()
         assert f"{name}_{new}" not in details["applications"]
-        assert [r["state"] for r in replicas(details, f"{name}_{old}")] == ["RUNNING"] * 2
+        assert [r["state"] for r in replicas(details, f"{name}_{old}")] == ["RUNNING"]
+        capped = [e for e in events if e["kind"] == "capped"]  # says why, and caps nothing
+        assert capped and all(e["allowed"] == e["desired"] == 1 for e in capped), capped
+        assert "the step waits for GPUs" in capped[0]["reason"]
         assert live_version(name) == old
         wait_for(lambda: gpus_free() == 0, 30, what="the candidate's pending GPU request to go")
     finally:
