@@ -453,12 +453,16 @@ def test_llm_speaks_openai(ray_cluster: RayCluster, llm: Path) -> None:
 
 
 def test_llm_rollout_under_trace_replay(ray_cluster: RayCluster, llm: Path) -> None:
-    """`rollout load` replays the Azure code trace from minute 4 (about 3.6 requests/s) 2× sped
-    up while v1 → v2 rolls, and is interrupted 8 s after the rollout succeeded: however long the
-    rollout takes on a busy machine, the replay outlasts it."""
+    """`rollout load` replays the Azure code trace from minute 4 (about 3.6 requests/s, in
+    bursts) 2× sped up while v1 → v2 rolls, and is interrupted once 15 requests sent after the
+    rollout succeeded have had time to be answered: however long the rollout takes on a busy
+    machine, the replay outlasts it."""
+    from measure.load import read_trace_csv, schedule
+
     c = ray_cluster
     out = llm / "replay"
     trace = REPO / "data" / "traces" / "azure_llm_2023_code.csv"
+    due = schedule(read_trace_csv(trace), time_scale=2, start_s=240, duration_s=900).at_s
     replay = c.popen("load", str(trace), "--url", f"http://127.0.0.1:{c.port}/{LLM}",
                      "--time-scale", "2", "--start-s", "240", "--duration-s", "900",
                      "--out", str(out))  # fmt: skip
@@ -467,17 +471,18 @@ def test_llm_rollout_under_trace_replay(ray_cluster: RayCluster, llm: Path) -> N
     ready, _, _ = select.select([replay.stderr], [], [], 60)
     assert ready, "the replay did not start within 60 s"
     announced = replay.stderr.readline()
+    began = time.time()  # the replay's 0 is 50 ms after it announces itself
     assert announced.startswith("replaying "), announced
     # the window's first request is sent ~10.6 s after the start (a quiet spell in the trace):
     # the rollout starts once a few have gone to v1 (rolling to v2 can take less than that)
-    from measure.load import read_trace_csv, schedule
-
-    first = schedule(read_trace_csv(trace), time_scale=2, start_s=240, duration_s=90).at_s[0]
-    time.sleep(first + 1)
+    time.sleep(due[0] + 1)
     done = c.cli("deploy", str(llm_file(c, llm, "v2")))
     assert done.returncode == 0, done.stdout + done.stderr
     rolled_at = time.time()  # the rollout has succeeded: v2 alone serves from here on
-    time.sleep(8)  # load after the rollout, about 55 requests
+    later = due[due > rolled_at - began + 1.5]  # surely sent after rolled_at + 0.5
+    # 15 of them sent and answered (an answer takes up to ~7 s here; those still streaming
+    # when the replay is interrupted are left out below)
+    time.sleep(max(0.0, began + later[14] + 12 - time.time()))
     assert replay.poll() is None, "the replay ended before the rollout did"
     replay.send_signal(signal.SIGINT)  # `rollout load` keeps what it measured
     stdout, stderr = replay.communicate(timeout=120)
@@ -495,7 +500,7 @@ def test_llm_rollout_under_trace_replay(ray_cluster: RayCluster, llm: Path) -> N
     assert by_start[0] == "v1"
     summary = json.loads((out / "summary.json").read_text())
     after = df[df["start_s"] + summary["started_at"] > rolled_at + 0.5]["version"]
-    assert len(after) > 10 and (after == "v2").all(), after.value_counts()
+    assert len(after) >= 10 and (after == "v2").all(), after.value_counts()
     assert (df["ttft_s"] > 0).all() and (df["latency_s"] >= df["ttft_s"]).all()
     assert summary["failed"] == cut.sum() and set(summary["versions"]) == {"v1", "v2"}
     # open loop even on 2 cores shared with the cluster: a closed loop would lag by seconds
