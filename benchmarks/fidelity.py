@@ -1,9 +1,10 @@
 """The fidelity experiment: real rollouts of the LLM example held against the simulator's
 predictions of them, with only calibrated parameters.
 
-1. Starts a local cluster (logical GPUs; the profile backend on the CPU) and deploys
-   examples/deploy-llm-v1.yaml with `rollout deploy`.
-2. Calibrates: `rollout calibrate --probe` (a load sweep on v1; the first deploy's replica
+1. Starts a local cluster (logical GPUs; the profile backend on the CPU), deploys v0 of
+   examples/deploy-llm-v1.yaml with `rollout deploy` and rolls it out to v1 without load: the
+   calibration's replica starts (a rollout's, one at a time; not the rollouts measured below).
+2. Calibrates: `rollout calibrate --probe` (a load sweep on v1; the v0 → v1 rollout's replica
    starts), writing the scenario fragment to OUT/calibration/.
 3. For each policy (surge: v1 → v2 with 50 % surge; unavailable: v2 → v1 with 50 % unavailable)
    replays the Azure code trace from minute 4 with `rollout load` (sped up by `--time-scale`),
@@ -11,8 +12,8 @@ predictions of them, with only calibrated parameters.
    `--tail-s` seconds after the rollout, and exports the rollout with its requests
    (`rollout export`) to OUT/runs/POLICY/measured.
 4. Simulates the same: the requests the replay sent (times and token counts, no resampling), the
-   same fleet, policy and rollout start, the calibrated engine, cold starts and health-check
-   period; written to OUT/runs/POLICY/predicted.
+   same fleet, policy and rollout start, Serve's drain loop as the executor configures it, the
+   calibrated engine, cold starts and health-check period; written to OUT/runs/POLICY/predicted.
 5. Writes OUT/fidelity.csv (policy, metric, predicted, measured, error_pct), OUT/report.md and an
    overlay plot per policy.
 
@@ -96,8 +97,9 @@ def main() -> int:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     try:
+        rollout("deploy", str(deploy_file("v0", POLICIES["surge=50"][2])))
         v1 = deploy_file("v1", POLICIES["surge=50"][2])
-        rollout("deploy", str(v1))
+        rollout("deploy", str(v1))  # a rollout: the probe's replica starts
         cal_dir = os.path.relpath(out / "calibration", REPO)
         cal = rollout("calibrate", "--probe", str(v1), "--out", cal_dir)
         print(cal.stdout)
@@ -159,11 +161,15 @@ def predict_and_compare(name: str, measured_dir: Path, out: Path) -> list[dict]:
     policy = json.loads(json.dumps(measured.events[0].policy))  # the policy the rollout ran
     s = measured.summary
     replicas = int(measured.timeline["desired_replicas"].iloc[0])
+    # Serve's drain loop as the executor configures it (executor/plan.py), not a fit
+    base = yaml.safe_load((REPO / "examples" / "deploy-llm-v1.yaml").read_text())
+    shutdown_s = float(base["model"]["graceful_shutdown_timeout_s"])
     scenario = Scenario.model_validate({
         "name": f"fidelity {name}",
         "trace": {"path": str(trace), "resample": False},
         "fleet": {"replicas": replicas, "gpu_capacity": 8, "max_ongoing_requests": 256,
-                  "graceful_shutdown_timeout_s": 30, "request_timeout_s": 600},
+                  "graceful_shutdown_timeout_s": shutdown_s, "request_timeout_s": 600,
+                  "graceful_shutdown_wait_loop_s": min(2.0, shutdown_s)},
         "rollout": {"at_s": s["rollout_start_s"] - offset, "policy": policy},
         **fragment,
     })  # fmt: skip
