@@ -141,6 +141,17 @@ def run_one(a, rollout, env, port: int, deploy: Path, folder: Path) -> Path:  # 
     return measured
 
 
+def write_trace(requests: pd.DataFrame, path: Path) -> float:
+    """The requests as a trace file (times and token counts, the first at 0); the offset."""
+    offset = float(requests["arrival_s"].min())
+    pd.DataFrame({
+        "arrival_s": requests["arrival_s"] - offset,
+        "ContextTokens": requests["context_tokens"],
+        "GeneratedTokens": requests["generated_tokens"],
+    }).to_csv(path, index=False)  # fmt: skip
+    return offset
+
+
 def predict_and_compare(name: str, measured_dir: Path, out: Path) -> list[dict]:
     """Simulate what was measured, with the calibrated parameters only; the comparison rows."""
     from measure.fidelity import compare, plot_overlay
@@ -150,12 +161,8 @@ def predict_and_compare(name: str, measured_dir: Path, out: Path) -> list[dict]:
 
     measured = read_result(measured_dir)
     req = measured.requests
-    offset = float(req["arrival_s"].min())  # a trace file's first request is at 0
     trace = measured_dir.parent / "trace.csv"
-    pd.DataFrame({
-        "arrival_s": req["arrival_s"] - offset,
-        "ContextTokens": req["context_tokens"], "GeneratedTokens": req["generated_tokens"],
-    }).to_csv(trace, index=False)  # fmt: skip
+    offset = write_trace(req, trace)
     fragment = yaml.safe_load((out / "calibration" / "calibration.yaml").read_text())
     fragment["cold_start"]["path"] = str(out / "calibration" / fragment["cold_start"]["path"])
     policy = json.loads(json.dumps(measured.events[0].policy))  # the policy the rollout ran
@@ -191,12 +198,8 @@ def probe_replay(out: Path, replicas: int) -> str:
     cal = out / "calibration"
     real = pd.read_parquet(cal / "probe" / "requests.parquet").dropna(subset=["ttft_s"])
     real = real.sort_values("arrival_s", ignore_index=True)
-    real["arrival_s"] -= real["arrival_s"].min()
     trace = cal / "probe" / "trace.csv"
-    pd.DataFrame({
-        "arrival_s": real["arrival_s"], "ContextTokens": real["context_tokens"],
-        "GeneratedTokens": real["generated_tokens"],
-    }).to_csv(trace, index=False)  # fmt: skip
+    offset = write_trace(real, trace)
     fragment = yaml.safe_load((cal / "calibration.yaml").read_text())
     fragment["cold_start"] = {"seconds": 1.0}  # no replica starts in a steady deployment
     scenario = Scenario.model_validate({
@@ -206,6 +209,7 @@ def probe_replay(out: Path, replicas: int) -> str:
         **fragment,
     })  # fmt: skip
     sim = simulate(scenario).requests
+    sim["arrival_s"] += offset  # back on the sweep's clock, where its stages are
     sim["generated_tokens"] = real["generated_tokens"].to_numpy()
     lines = [
         "| requests/s per replica | requests | TTFT p50 measured | predicted | TTFT p99 measured "
