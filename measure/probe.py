@@ -16,7 +16,9 @@ deploy's starts count only when the application has had no rollout yet.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -96,7 +98,7 @@ def _recorded_starts(url: str, app: str) -> list[pd.DataFrame]:
         st.dispose()
 
 
-def rollouts_first(rows: list) -> list:  # type: ignore[type-arg]
+def rollouts_first(rows: Sequence[Any]) -> list[Any]:
     """The rollouts (from a live version) among the recorded rows, or every row when there is
     none: a first deploy's replica starts are not the starts a rollout makes."""
     rollouts = [r for r in rows if r.from_version]
