@@ -1,9 +1,10 @@
 """The fidelity experiment: real rollouts of the LLM example held against the simulator's
 predictions of them, with only calibrated parameters.
 
-1. Starts a local cluster (logical GPUs; the profile backend on the CPU) and deploys
-   examples/deploy-llm-v1.yaml with `rollout deploy`.
-2. Calibrates: `rollout calibrate --probe` (a load sweep on v1; the first deploy's replica
+1. Starts a local cluster (logical GPUs; the profile backend on the CPU), deploys v0 of
+   examples/deploy-llm-v1.yaml with `rollout deploy` and rolls it out to v1 without load: the
+   calibration's replica starts (a rollout's, one at a time; not the rollouts measured below).
+2. Calibrates: `rollout calibrate --probe` (a load sweep on v1; the v0 → v1 rollout's replica
    starts), writing the scenario fragment to OUT/calibration/.
 3. For each policy (surge: v1 → v2 with 50 % surge; unavailable: v2 → v1 with 50 % unavailable)
    replays the Azure code trace from minute 4 with `rollout load` (sped up by `--time-scale`),
@@ -11,8 +12,8 @@ predictions of them, with only calibrated parameters.
    `--tail-s` seconds after the rollout, and exports the rollout with its requests
    (`rollout export`) to OUT/runs/POLICY/measured.
 4. Simulates the same: the requests the replay sent (times and token counts, no resampling), the
-   same fleet, policy and rollout start, the calibrated engine, cold starts and health-check
-   period; written to OUT/runs/POLICY/predicted.
+   same fleet, policy and rollout start, Serve's drain loop as the executor configures it, the
+   calibrated engine, cold starts and health-check period; written to OUT/runs/POLICY/predicted.
 5. Writes OUT/fidelity.csv (policy, metric, predicted, measured, error_pct), OUT/report.md and an
    overlay plot per policy.
 
@@ -96,8 +97,9 @@ def main() -> int:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     try:
+        rollout("deploy", str(deploy_file("v0", POLICIES["surge=50"][2])))
         v1 = deploy_file("v1", POLICIES["surge=50"][2])
-        rollout("deploy", str(v1))
+        rollout("deploy", str(v1))  # a rollout: the probe's replica starts
         cal_dir = os.path.relpath(out / "calibration", REPO)
         cal = rollout("calibrate", "--probe", str(v1), "--out", cal_dir)
         print(cal.stdout)
@@ -139,6 +141,17 @@ def run_one(a, rollout, env, port: int, deploy: Path, folder: Path) -> Path:  # 
     return measured
 
 
+def write_trace(requests: pd.DataFrame, path: Path) -> float:
+    """The requests as a trace file (times and token counts, the first at 0); the offset."""
+    offset = float(requests["arrival_s"].min())
+    pd.DataFrame({
+        "arrival_s": requests["arrival_s"] - offset,
+        "ContextTokens": requests["context_tokens"],
+        "GeneratedTokens": requests["generated_tokens"],
+    }).to_csv(path, index=False)  # fmt: skip
+    return offset
+
+
 def predict_and_compare(name: str, measured_dir: Path, out: Path) -> list[dict]:
     """Simulate what was measured, with the calibrated parameters only; the comparison rows."""
     from measure.fidelity import compare, plot_overlay
@@ -148,22 +161,22 @@ def predict_and_compare(name: str, measured_dir: Path, out: Path) -> list[dict]:
 
     measured = read_result(measured_dir)
     req = measured.requests
-    offset = float(req["arrival_s"].min())  # a trace file's first request is at 0
     trace = measured_dir.parent / "trace.csv"
-    pd.DataFrame({
-        "arrival_s": req["arrival_s"] - offset,
-        "ContextTokens": req["context_tokens"], "GeneratedTokens": req["generated_tokens"],
-    }).to_csv(trace, index=False)  # fmt: skip
+    offset = write_trace(req, trace)
     fragment = yaml.safe_load((out / "calibration" / "calibration.yaml").read_text())
     fragment["cold_start"]["path"] = str(out / "calibration" / fragment["cold_start"]["path"])
     policy = json.loads(json.dumps(measured.events[0].policy))  # the policy the rollout ran
     s = measured.summary
     replicas = int(measured.timeline["desired_replicas"].iloc[0])
+    # Serve's drain loop as the executor configures it (executor/plan.py), not a fit
+    base = yaml.safe_load((REPO / "examples" / "deploy-llm-v1.yaml").read_text())
+    shutdown_s = float(base["model"]["graceful_shutdown_timeout_s"])
     scenario = Scenario.model_validate({
         "name": f"fidelity {name}",
         "trace": {"path": str(trace), "resample": False},
         "fleet": {"replicas": replicas, "gpu_capacity": 8, "max_ongoing_requests": 256,
-                  "graceful_shutdown_timeout_s": 30, "request_timeout_s": 600},
+                  "graceful_shutdown_timeout_s": shutdown_s, "request_timeout_s": 600,
+                  "graceful_shutdown_wait_loop_s": min(2.0, shutdown_s)},
         "rollout": {"at_s": s["rollout_start_s"] - offset, "policy": policy},
         **fragment,
     })  # fmt: skip
@@ -173,6 +186,47 @@ def predict_and_compare(name: str, measured_dir: Path, out: Path) -> list[dict]:
     plot_overlay(predicted, measured, out / f"overlay-{name.replace('=', '')}.png",
                  f"{name}: measured (solid) and predicted (dashed)", shift=offset)  # fmt: skip
     return compare(name, predicted.summary, measured.summary)
+
+
+def probe_replay(out: Path, replicas: int) -> str:
+    """The probe's own requests through the calibrated simulator, stage by stage: how the
+    engine model fits the data it was calibrated on (a markdown table)."""
+    from measure.probe import RATES_PER_REPLICA, STAGE_S
+    from rollout.scenario import Scenario
+    from sim.api import simulate
+
+    cal = out / "calibration"
+    real = pd.read_parquet(cal / "probe" / "requests.parquet").dropna(subset=["ttft_s"])
+    real = real.sort_values("arrival_s", ignore_index=True)
+    trace = cal / "probe" / "trace.csv"
+    offset = write_trace(real, trace)
+    fragment = yaml.safe_load((cal / "calibration.yaml").read_text())
+    fragment["cold_start"] = {"seconds": 1.0}  # no replica starts in a steady deployment
+    scenario = Scenario.model_validate({
+        "name": "probe replayed", "trace": {"path": str(trace), "resample": False},
+        "fleet": {"replicas": replicas, "gpu_capacity": 8, "max_ongoing_requests": 256,
+                  "request_timeout_s": 600},
+        **fragment,
+    })  # fmt: skip
+    sim = simulate(scenario).requests
+    sim["arrival_s"] += offset  # back on the sweep's clock, where its stages are
+    sim["generated_tokens"] = real["generated_tokens"].to_numpy()
+    lines = [
+        "| requests/s per replica | requests | TTFT p50 measured | predicted | TTFT p99 measured "
+        "| predicted | time per token p50 measured | predicted |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for k, rate in enumerate(RATES_PER_REPLICA):
+        cells = []
+        for d in (real, sim):
+            at = d[(d["arrival_s"] >= k * STAGE_S) & (d["arrival_s"] < (k + 1) * STAGE_S)]
+            tpot = (at["latency_s"] - at["ttft_s"]) / (at["generated_tokens"] - 1)
+            cells.append((len(at), at["ttft_s"].median(), at["ttft_s"].quantile(0.99),
+                          tpot.median()))  # fmt: skip
+        (n, m50, m99, mt), (_, p50, p99, pt) = cells
+        lines.append(f"| {rate:g} | {n} | {m50:.3f} | {p50:.3f} | {m99:.3f} | {p99:.3f} "
+                     f"| {mt:.4f} | {pt:.4f} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def write_report(a, out: Path, rows: list[dict], calibration: str) -> None:  # type: ignore[no-untyped-def]
@@ -187,6 +241,8 @@ def write_report(a, out: Path, rows: list[dict], calibration: str) -> None:  # t
         f"logical GPUs) under the Azure code trace from {a.start_s:g} s, {a.time_scale:g}× "
         "sped up; how it is made and read: docs/fidelity.md.\n\n"
         f"## Calibration\n\n```\n{calibration.strip()}\n```\n\n"
+        "The probe's own requests replayed through the calibrated simulator (seconds; how the "
+        f"engine model fits the data it was calibrated on):\n\n{probe_replay(out, a.replicas)}\n\n"
         f"## Predicted against measured\n\n{table(rows)}\n\n## Overlays\n\n{images}\n"
     )
 

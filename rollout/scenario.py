@@ -206,6 +206,9 @@ class FleetSpec(_Strict):
     max_ongoing_requests: int = Field(1, ge=1)  # Serve's cap per replica; more wait at the router
     request_timeout_s: float = Field(60.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(20.0, ge=0)  # a draining replica's deadline
+    # Serve's drain loop: a draining replica checks for requests in flight every this many
+    # seconds (the first check one period after removal); 0: it stops with its last request
+    graceful_shutdown_wait_loop_s: float = Field(0.0, ge=0)
     gpu_hour_usd: float = Field(2.5, ge=0)
     # held: GPUs paid while replicas hold them; reserved: all of gpu_capacity for the whole span
     billing: Literal["held", "reserved"] = "held"

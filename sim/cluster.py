@@ -3,7 +3,10 @@
 A replica asks for its GPUs when it is created and waits in FIFO order if none are free
 (`sim/gpus.py`). It holds them through its cold start, while it serves, and while it drains
 after removal; it releases them when its last in-flight request finishes, or when the drain
-deadline (`graceful_shutdown_timeout_s`) passes and the requests still running fail. Health
+deadline (`graceful_shutdown_timeout_s`) passes and the requests still running fail. With
+`graceful_shutdown_wait_loop_s` set, it drains as a Serve replica does: it sleeps one period,
+then checks every period for requests in flight, and stops at the first check that finds none
+(so at least one period after removal, even idle). Health
 checks run every period from the moment the replica got its GPU, so it turns ready at the first
 check after its cold start.
 
@@ -78,12 +81,14 @@ class Cluster:
         faults: tuple[Faults, Faults],
         router: Router,
         on_change: Callable[[], None],
+        drain_loop_s: float = 0.0,
     ) -> None:
         self.env = env
         self.gpus = gpus
         gpus.on_grant = self._granted
         self.period = health_period_s
         self.drain_timeout = drain_timeout_s
+        self.drain_loop = drain_loop_s
         self.cold_starts = cold_starts
         self.faults = faults
         self.router = router
@@ -145,6 +150,8 @@ class Cluster:
         ev.callbacks.append(lambda _: self._stop_drained(rep))
 
     def _stop_drained(self, rep: Replica) -> None:
+        if self.drain_loop > 0:
+            return  # the drain loop's next check stops it
         if rep.state is State.DRAINING and rep.ongoing == 0:
             self._stop(rep, "removed")
             self.on_change()
@@ -237,13 +244,30 @@ class Cluster:
         elif rep.state is State.READY:
             self._set(rep, State.DRAINING)
             self.router.remove_ready(rep, self.env.now)
-            if rep.ongoing == 0:
+            if rep.ongoing == 0 and (self.drain_loop == 0 or self.drain_timeout == 0):
                 self._stop(rep, "removed")
-            elif self.drain_timeout == 0:
+                return
+            if self.drain_loop > 0:
+                self._drain_check_later(rep)
+            if self.drain_timeout == 0:
                 self._drain_deadline(rep)
             else:
                 ev = self.env.timeout(self.drain_timeout)
                 ev.callbacks.append(lambda _: self._drain_deadline(rep))
+
+    def _drain_check_later(self, rep: Replica) -> None:
+        ev = self.env.timeout(self.drain_loop)
+        ev.callbacks.append(lambda _: self._drain_check(rep))
+
+    def _drain_check(self, rep: Replica) -> None:
+        """Serve's drain loop woke: stop if nothing is in flight, else sleep another period."""
+        if rep.state is not State.DRAINING:
+            return  # the deadline stopped it
+        if rep.ongoing:
+            self._drain_check_later(rep)
+            return
+        self._stop(rep, "removed")
+        self.on_change()
 
     def _drain_deadline(self, rep: Replica) -> None:
         """graceful_shutdown_timeout_s passed: the requests still running fail."""

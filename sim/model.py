@@ -119,6 +119,7 @@ class Simulation:
             gpus=self.gpus,
             health_period_s=s.health_check.period_s,
             drain_timeout_s=s.fleet.graceful_shutdown_timeout_s,
+            drain_loop_s=s.fleet.graceful_shutdown_wait_loop_s,
             cold_starts=(
                 ColdStart(
                     s.cold_start,

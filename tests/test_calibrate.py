@@ -166,3 +166,16 @@ def test_time_per_token_never_falls_with_the_batch() -> None:
     """A dip in the medians (few requests at a size) is pooled with its neighbours, weighted."""
     got = calibrate._non_decreasing([1.0, 3.0, 2.0, 4.0, 0.5], [1, 1, 3, 1, 1])
     assert got == pytest.approx([1.0, 2.25, 2.25, 2.25, 2.25])
+
+
+def test_the_probe_prefers_a_rollouts_replica_starts_to_a_first_deploys() -> None:
+    """A first deploy starts the router and all replicas at once, which no rollout does: its
+    starts count only when the application has had no rollout yet."""
+    from collections import namedtuple
+
+    from measure.probe import rollouts_first
+
+    row = namedtuple("row", "id from_version")
+    first, later, again = row("a", None), row("b", "v0"), row("c", "v1")
+    assert rollouts_first([first, later, again]) == [later, again]
+    assert rollouts_first([first]) == [first]

@@ -166,3 +166,44 @@ def test_a_sweep_says_which_policies_the_gpus_capped(tmp_path) -> None:
     assert np.isnan(rows.loc[25, "pool_capped_at"])
     report = (out / "report.md").read_text()
     assert "capped the pool of `surge=50 stab=0` (down to 3)" in report
+
+
+def test_serve_drain_loop_stops_a_replica_at_its_first_idle_check():
+    """`graceful_shutdown_wait_loop_s: 2`: a removed replica sleeps 2 s, then checks every 2 s,
+    and stops (releasing its GPU) at the first check with nothing in flight: a whole number
+    (≥ 1) of periods after its removal, never before its last request ends, and not a period
+    after it. Without the loop the same run stops replicas at their last request."""
+    loop = 2.0
+
+    def run(wait_loop_s: float):  # type: ignore[no-untyped-def]
+        return simulate(
+            steady(
+                {"max_unavailable_percent": 25},
+                service={"kind": "deterministic", "mean_s": 30.0},
+                fleet__gpu_capacity=N,
+                fleet__graceful_shutdown_timeout_s=60.0,
+                fleet__graceful_shutdown_wait_loop_s=wait_loop_s,
+            )
+        )
+
+    result = run(loop)
+    req, reps = result.requests, result.replicas
+    removals = sorted(
+        e.t for e in result.events if isinstance(e, h.Scaled) and e.version == "current"
+    )
+    removed = reps[(reps["version"] == "current") & reps["stopped_s"].notna()]
+    assert len(removed) == N
+    for _, rep in removed.iterrows():
+        stopped = rep["stopped_s"]
+        since = stopped - max(t for t in removals if t <= stopped)
+        periods = since / loop
+        assert periods >= 1 - 1e-9 and np.isclose(periods, round(periods))
+        ends = req.loc[req["replica_id"] == rep["replica_id"], "end_s"]
+        assert stopped >= ends.max()
+        if round(periods) > 1:
+            assert ends.max() > stopped - loop  # the check before still saw a request
+    assert result.summary["outcome"] == "succeeded"
+    plain = run(0.0)
+    assert result.summary["rollout_duration_s"] > plain.summary["rollout_duration_s"]
+    before = plain.replicas.loc[removed.index, "stopped_s"]
+    assert not np.isclose(removed["stopped_s"], before).all()
