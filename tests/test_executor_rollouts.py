@@ -163,10 +163,20 @@ class TestControls:
         return end
 
     def _serving_only(self, c: RayCluster, version: str, gone: str) -> None:
+        """Only `version` is deployed, and all 3 of its replicas run. A rollback ends once the
+        current version is back at full size with one replica ready (docs/controller.md), so
+        Serve may still be starting the others it refilled: their start is waited for."""
         details = serve_details()
         assert f"{self.NAME}_{gone}" not in details["applications"]
-        states = [r["state"] for r in replicas(details, f"{self.NAME}_{version}")]
-        assert states == ["RUNNING"] * 3
+        assert len(replicas(details, f"{self.NAME}_{version}")) == 3
+        wait_for(
+            lambda: (
+                [r["state"] for r in replicas(serve_details(), f"{self.NAME}_{version}")]
+                == ["RUNNING"] * 3
+            ),
+            60,
+            what=f"{version}'s 3 replicas running",
+        )
         load = Load(c.url(self.NAME), threads=2, pause_s=0.02, max_seconds=2).start()
         time.sleep(2)
         answers = load.stop()
