@@ -11,7 +11,8 @@ of the sequences it admits, and the iteration that prefills a request yields its
   requests that found a replica idle (fewer requests in flight on their version at their arrival
   than ready replicas; the lowest quarter of batch sizes where fewer than 10 did). On an idle
   replica TTFT is `overhead + prefill + decode_s_per_token(1)`: the line's slope is prefill time
-  per token, its intercept the overhead plus one iteration at batch 1.
+  per token, its intercept the overhead plus one iteration at batch 1. The line is robust
+  (Theil–Sen): a new replica's slow first iterations (warm-up) do not tilt it.
 - **Decode** (`decode_s_per_token`): time per output token, `(latency − TTFT) / (tokens − 1)`,
   against the batch it ran in. The batch is estimated per request as the requests in flight on
   its version at the middle of its decode divided by that version's ready replicas then (the
@@ -208,8 +209,8 @@ def fit(results: list[SimResult], reps: list[pd.DataFrame]) -> Calibration:
     ttft = req["ttft_s"].to_numpy(dtype=float)[low]
     if len(np.unique(ctx)) < 2:
         raise InputError("calibrate: every request had the same prompt length; prefill needs two")
-    per_token, icept = np.polyfit(ctx, ttft, 1)
-    per_token = max(0.0, float(per_token))
+    per_token, icept = theil_sen(ctx, ttft)
+    per_token = max(0.0, per_token)
     fits.append(Fit.of("TTFT on an idle replica", ttft, icept + per_token * ctx))
     # decode: time per token less the prefills its iterations did for others
     tokens = req["generated_tokens"].to_numpy(dtype=float)
@@ -239,6 +240,21 @@ def fit(results: list[SimResult], reps: list[pd.DataFrame]) -> Calibration:
         health_check_period_s=period,
         fits=fits,
     )
+
+
+def theil_sen(x: np.ndarray, y: np.ndarray, most: int = 2000) -> tuple[float, float]:
+    """A robust line (slope, intercept): the median of the slopes between pairs of points, the
+    median intercept under it. A new replica's first iterations run slower (warm-up) and a few
+    requests meet a busy replica after all: outliers that tilt a least-squares line. Over `most`
+    points it uses an evenly spaced sample of them (the pairs grow as the square)."""
+    if len(x) > most:
+        pick = np.linspace(0, len(x) - 1, most).astype(int)
+        x, y = x[pick], y[pick]
+    i, j = np.triu_indices(len(x), 1)
+    dx = x[j] - x[i]
+    apart = dx != 0
+    slope = float(np.median((y[j] - y[i])[apart] / dx[apart]))
+    return slope, float(np.median(y - slope * x))
 
 
 def _non_decreasing(values: list[float], weights: list[int]) -> list[float]:
