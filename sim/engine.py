@@ -33,8 +33,8 @@ import bisect
 import math
 from collections import deque
 from dataclasses import dataclass
-from math import floor
 from heapq import heappop, heappush
+from math import floor
 
 import numpy as np
 

@@ -335,7 +335,9 @@ def test_iteration_admission_matches_the_engine_loop_exactly(tmp_path, seqs):
     at = np.cumsum(rng.exponential(0.25, 400))
     rows = [
         (round(float(a), 6), int(c), int(g))
-        for a, c, g in zip(at, rng.choice([128, 512, 2048], 400), rng.integers(1, 40, 400))
+        for a, c, g in zip(
+            at, rng.choice([128, 512, 2048], 400), rng.integers(1, 40, 400), strict=True
+        )
     ]
     base, per_seq, pps = 0.02, 0.0003, 0.00003
     s = from_arrivals(
