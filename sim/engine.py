@@ -126,7 +126,7 @@ class EngineModel:
 
 
 class Engine:
-    """One replica's engine. The router calls `admit` for each request it routes here and
+    """One replica's engine, admitting immediately (`admission: immediate`). The router calls `admit` for each request it routes here and
     `wake` at `next_t`, the time of the engine's next finish (kept up to date by both);
     `wake` returns the requests that finished. `scheduled` is the time of the router's valid
     heap entry for this engine (an entry at another time is stale).
