@@ -126,10 +126,11 @@ class EngineModel:
 
 
 class Engine:
-    """One replica's engine, admitting immediately (`admission: immediate`). The router calls `admit` for each request it routes here and
-    `wake` at `next_t`, the time of the engine's next finish (kept up to date by both);
-    `wake` returns the requests that finished. `scheduled` is the time of the router's valid
-    heap entry for this engine (an entry at another time is stale).
+    """One replica's engine, admitting immediately (`admission: immediate`). The router calls
+    `admit` for each request it routes here and `wake` at `next_t`, the time of the engine's
+    next finish (kept up to date by both); `wake` returns the requests that finished.
+    `scheduled` is the time of the router's valid heap entry for this engine (an entry at
+    another time is stale).
 
     Prefills need no events of their own: while the replica prefills, the virtual clock stands
     still, so a request can join the batch's heap at admission with its target `v + n` and a
