@@ -118,7 +118,8 @@ class ServeBackend:
 
     def _write(self, w: Write) -> list[str]:
         """Write the whole declarative config with this write's counts and weight (unless the
-        cluster runs it already); then, if asked, wait for the router to confirm the weight.
+        cluster runs it already), then the route table; then, if asked, wait for the router to
+        confirm the weight.
         Returns the roles handed back to Serve's autoscaling."""
         handed = [
             r
@@ -127,17 +128,18 @@ class ServeBackend:
             and w.targets.get(r, 0) > 0
             and autoscaling_of(self.plan, r, w.targets[r]) is not None
         ]
+        table = router_link.route_table(self.plan, w.targets, w.weight, w.session_weight)
         with serve_calls.config_lock():
             apps = declarative_apps(serve_calls.details())
             new = with_versions(self.plan, apps, w.targets, frozenset(handed))
-            router = router_link.router_app(
-                self.plan, w.targets, w.weight, w.session_weight, apps.get(self.plan.name)
-            )
-            new[self.plan.name] = router
+            new.pop(self.plan.name, None)  # the router app earlier releases ran there
             if new != apps:
                 serve_calls.deploy(new)
+            # after the versions: a new route's prefix is routed by Serve once its app is
+            # deployed, and a removed version had its weight taken away by an earlier write
+            stamp = router_link.publish(self.plan, table)
         if w.confirm:
-            router_link.confirm(self.plan, router)
+            router_link.confirm(self.plan, stamp)
         return handed
 
     def _applied(self, action: str, done: float, began: float) -> None:
