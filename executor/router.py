@@ -187,6 +187,10 @@ class Router:
                 continue
             tables[t.model] = t
         self.tables = tables
+        for model, window in self.windows.items():
+            live = tables[model].live if model in tables else None
+            if live is not None:
+                window.forget(live)
         for model in list(self.windows):
             if model not in tables and not self.windows[model].ongoing:
                 del self.windows[model]

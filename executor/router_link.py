@@ -48,9 +48,13 @@ def route_table(
             "weight": round(session_weight, 6),
         }
     guard = spec.policy.guard  # the metric guard judges the router's window: its own if set
+    live = [plan.version(r) for r in (c.CURRENT, c.CANDIDATE) if plan.app(r) and targets.get(r)]
     return {
         "prefix": spec.http.route_prefix,
         "routes": routes,
+        # the proxies forget the metrics of other versions: a label rolled out again (after a
+        # cancel) is judged by the guard on its new answers only
+        "live": live,
         "window_s": guard.window_s if guard else spec.router.metrics_window_s,
         "sessions": sessions,
     }

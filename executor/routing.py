@@ -103,6 +103,7 @@ class RouteTable:
     routes: tuple[Route, ...] = ()
     window_s: float = 60.0  # the window of the per-version metrics routers report
     sticky: Sticky | None = None
+    live: frozenset[str] | None = None  # versions whose application exists (None: unknown)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> RouteTable:
@@ -118,6 +119,7 @@ class RouteTable:
             routes=routes,
             window_s=float(config.get("window_s", 60.0)),
             sticky=Sticky.from_config(config.get("sessions")),
+            live=frozenset(map(str, config["live"])) if "live" in config else None,
         )
 
     @property

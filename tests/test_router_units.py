@@ -221,6 +221,17 @@ class TestWindow:
         assert snap["ongoing"] == {"v1": 1}
         assert snap["served"] == {"v1": 1, "v2": 1}
 
+    def test_a_gone_version_is_forgotten(self) -> None:
+        w = Window()
+        for version in ("v1", "v2", "v2"):
+            w.started(version)
+            w.finished(version, 100.0, status=500, ttfb_s=0.01, latency_s=0.1)
+        w.started("v2")  # in flight when v2's application goes
+        w.forget(frozenset({"v1"}))
+        snap = w.snapshot(100.0, 60)
+        assert set(snap["versions"]) == {"v1"} and snap["served"] == {"v1": 1}
+        assert snap["ongoing"] == {"v2": 1}
+
     def test_the_window_slides(self) -> None:
         w = Window(retention_s=120)
         for t in range(0, 100):  # one request a second, latency t ms
@@ -509,6 +520,18 @@ class TestMiddleware:
         router._metrics_at = 0.0  # the window is recomputed for the next report
         report = json.loads(router._report())["models"]["chat"]
         assert session_counts(report) == {"v1": want.count("chat_v1"), "v2": want.count("chat_v2")}
+
+    def test_a_table_forgets_the_metrics_of_versions_that_are_gone(self) -> None:
+        store = FakeStore({"chat": {**chat_table({"v1": 0.5, "v2": 0.5}), "live": ["v1", "v2"]}})
+        router = middleware(FakeServe(HIDDEN), store)
+        for _ in range(20):
+            call(router, "/chat/x")
+        store.raw["table/chat"] = json.dumps(
+            {**chat_table({"v1": 1.0}, 4), "live": ["v1"]}
+        ).encode()
+        store.epoch_value = b"2"
+        asyncio.run(router.step())
+        assert set(router.windows["chat"].snapshot(time.time(), 30)["versions"]) == {"v1"}
 
     def test_outside_a_serve_proxy_it_says_what_is_missing(self) -> None:
         with pytest.raises(RuntimeError, match="RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"):
