@@ -11,6 +11,7 @@ table's stamp. Each version is a Serve application at its own hidden route prefi
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from executor import router_client, router_metrics, serve_calls
@@ -22,6 +23,7 @@ from rollout.guard import Traffic
 
 ACK_TIMEOUT_S = 20.0
 ACK_POLL_S = 0.005  # how often the proxies' reports are read while waiting for new weights
+DRAIN_POLL_S = 0.02  # ... and while waiting for a removed version's requests to end
 
 
 def route_table(
@@ -82,6 +84,28 @@ def confirm(plan: Plan, stamp: int, timeout_s: float = ACK_TIMEOUT_S) -> float:
         return router_client.wait_for_stamp(plan.name, stamp, timeout_s, ACK_POLL_S)
 
     return serve_calls.bounded(wait, timeout_s + 15.0, "the router")
+
+
+def drain(plan: Plan, versions: list[str], timeout_s: float) -> float:
+    """Wait until no proxy has a request to these versions in flight, at most `timeout_s`; the
+    seconds it took. Called before a version's application is removed, after the router took
+    its weight away: a request the proxy still queues for one of its replicas would otherwise
+    wait for a replica that never comes."""
+
+    def wait() -> float:
+        started = time.monotonic()
+        details = serve_calls.details()
+        while True:
+            ongoing = router_client.read_router(plan.name, details).ongoing
+            waited = time.monotonic() - started
+            if not any(ongoing.get(v, 0) for v in versions) or waited > timeout_s:
+                return waited
+            time.sleep(DRAIN_POLL_S)
+
+    try:
+        return serve_calls.bounded(wait, timeout_s + 15.0, "the router")
+    except BackendError:  # the proxies cannot be read: Serve's graceful shutdown still applies
+        return 0.0
 
 
 def remove(name: str) -> None:
