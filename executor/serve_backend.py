@@ -119,10 +119,10 @@ class ServeBackend:
         self.mem.session_weight = plan.session_weight
 
     def _write(self, w: Write, before: dict[str, int]) -> list[str]:
-        """Write the whole declarative config with this write's counts and weight (unless the
-        cluster runs it already), then the route table; then, if asked, wait for the router to
-        confirm the weight.
-        Returns the roles handed back to Serve's autoscaling."""
+        """Write the whole declarative config with this write's counts (unless the cluster runs
+        it already), then the route table with its weight; then, if asked, wait for the router
+        to confirm the weight. A version removed by this write first gets its requests in
+        flight at the proxies drained. Returns the roles handed back to Serve's autoscaling."""
         handed = [
             r
             for r in ROLES
