@@ -2,7 +2,8 @@
 
 It shows that any Serve application rolls out unchanged behind the router, and the tests and
 benchmarks use it for exactly that: a text answer with a query parameter and custom headers,
-a 418, a binary echo, every HTTP method, a cookie, a redirect, and a server-sent event stream.
+a 418, a binary echo, every HTTP method, a cookie, a redirect, a server-sent event stream and a
+websocket.
 Its builder takes `version` (echoed in answers and in an `x-app-version` header) and
 `chunk_delay_s` (the pause between stream events).
 
@@ -17,7 +18,7 @@ import json
 import os
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request, Response, WebSocket
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from ray import serve
 
@@ -87,6 +88,13 @@ class Echo:
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers=self._headers())  # fmt: skip
+
+    @api.websocket("/ws")
+    async def ws(self, websocket: WebSocket) -> None:
+        """Answers each text message with the version and the message."""
+        await websocket.accept(headers=[(b"x-app-version", self.version.encode())])
+        async for text in websocket.iter_text():
+            await websocket.send_text(f"{self.version}: {text}")
 
     @api.get("/cancelled")
     def cancelled(self) -> dict[str, Any]:

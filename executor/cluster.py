@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from executor import auth, store
+from executor import auth, router, store
 from executor.deploy_file import DeploySpec, HttpSpec
 from rollout.errors import InputError
 
@@ -129,6 +129,7 @@ def start_local(num_gpus: int | None, num_cpus: int | None = None) -> LocalClust
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # `down` drains Serve itself first
     env[SINGLE_NODE] = "0"  # one node, every server on 127.0.0.1
+    env[router.CALLBACK_ENV] = router.CALLBACK  # Serve's proxy runs rollout's router
     log = (home / "cluster.log").open("w")
     proc = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

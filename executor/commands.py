@@ -82,12 +82,14 @@ def deploy_command(path: Path, detach: bool = False) -> None:
 def _plan(spec: DeploySpec, url: str):  # type: ignore[no-untyped-def]
     """The plan for this deploy file against what the cluster runs now (None: nothing to do)."""
     from executor.plan import Plan, candidate_app_config, ingress_deployment
+    from executor.router_client import check_routers
     from executor.serve_config import live_versions
 
     address = cluster.address_for(spec)
     assert address is not None
     cluster.connect(address)
     cluster.ensure_serve(spec.http)
+    check_routers()  # every proxy must run the router, or a node's requests reach no version
     details = _cluster_call(serve_calls.details)
     live = live_versions(spec.name, details)
     if list(live) == [spec.version]:

@@ -13,12 +13,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from executor.routing import HIDDEN_ROOT, under
 from rollout.autoscaler import AutoscalingConfig
 from rollout.policy import RolloutPolicy
 from rollout.yamlfile import load_yaml_model
 
-# Serve application names derive from these: `{name}` is the router (the public face) and
-# `{name}_{version}` one version, so neither may contain an underscore.
+# Serve application names derive from these: `{name}_{version}` is one version (at the route
+# prefix `/_rollout/{name}_{version}`), so neither may contain an underscore.
 NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 VERSION = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,30}[A-Za-z0-9])?$")
 IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -85,11 +86,17 @@ class HttpSpec(_Strict):
     def _prefix(cls, v: str) -> str:
         if not v.startswith("/"):
             raise ValueError("must start with '/'")
+        if v != "/" and v.endswith("/"):
+            raise ValueError("must not end with '/' (except '/' itself), as in Serve")
+        if under(v, HIDDEN_ROOT):
+            raise ValueError(f"{HIDDEN_ROOT} is where rollout serves each version")
         return v
 
 
 class RouterSpec(_Strict):
-    replicas: int = Field(2, ge=1, le=64)  # more than one: a router replica is no single point
+    # no effect: the router runs in every Serve HTTP proxy (one per node); kept so that deploy
+    # files written for the router application of earlier releases stay valid
+    replicas: int = Field(2, ge=1, le=64)
     metrics_window_s: float = Field(60.0, gt=0, le=300)  # the per-version metrics' window
 
 
@@ -197,7 +204,7 @@ class DeploySpec(_Strict):
 
 
 def version_app(name: str, version: str) -> str:
-    """The Serve application that runs one version (the router app is `name` itself)."""
+    """The Serve application that runs one version."""
     return f"{name}_{version}"
 
 

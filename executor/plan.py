@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from executor.deploy_file import DeploySpec, version_app
+from executor.routing import hidden_prefix
 from rollout import controller as c
 
 ROLES = (c.CURRENT, c.CANDIDATE)
@@ -86,7 +87,7 @@ def candidate_app_config(spec: DeploySpec, deployment: str) -> dict[str, Any]:
     m = spec.model
     return {
         "name": spec.app_name(),
-        "route_prefix": None,
+        "route_prefix": hidden_prefix(spec.app_name()),
         "import_path": m.import_path,
         "args": dict(m.args),
         "runtime_env": {"env_vars": {"PYTHONPATH": f"{app_dir()}{os.pathsep}${{PYTHONPATH}}"}},

@@ -1,30 +1,105 @@
-"""Reading a model's router replicas from the executor: config acknowledgements and traffic.
+"""The executor's side of the router: writing a model's route table, reading the proxies.
 
-A Serve handle call reaches one replica of its choosing, but the executor needs every router
-replica: the autoscaler sums their ongoing requests, a weight change counts as applied only once
-each running replica has taken it, and windowed metrics merge all of them. So each running
-router replica is called directly on its actor, through the replica's `record_routing_stats`
-hook (executor/router.py answers it with its stamp, weights and metrics snapshot).
+The router runs inside every Serve HTTP proxy (executor/router.py); this module is how the
+executor talks to it, through Ray's internal key-value store (the GCS, behind the cluster's
+token). Writing a table changes the model's weights everywhere within a poll; the executor then
+waits until every proxy reports the table's stamp before it removes replicas. Each proxy's
+report carries its ongoing requests per version and its metrics window, which merge across
+proxies (the autoscaler sums the ongoing counts; executor/router_metrics.py reads the windows).
+
+Which proxies count: those Serve lists for the cluster's nodes. A listed proxy that has not
+reported yet has not read the tables yet, and will read the current ones before it serves; a
+proxy Serve no longer calls healthy, or whose report has not moved for STALE_S seconds of this
+process's clock, is gone and is not waited for.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from executor.router import DEPLOYMENT
+from executor.router import (
+    CALLBACK,
+    CALLBACK_ENV,
+    EPOCH_KEY,
+    NAMESPACE,
+    proxy_key,
+    table_key,
+)
 from executor.router_metrics import VersionMetrics, merge, summarize
+from rollout.errors import InputError
 
-CALL_TIMEOUT_S = 5.0
-_ACTORS: dict[str, Any] = {}  # actor name → handle (a lookup costs a GCS round trip)
+STALE_S = 5.0  # a report unchanged this long belongs to a proxy that is gone
+CALL_TIMEOUT_S = 5.0  # the executor's budget for one read or write of the store
+PROXY_START_TIMEOUT_S = 60.0
+LIVE = ("STARTING", "HEALTHY")
+
+
+@dataclass(frozen=True)
+class Proxy:
+    actor_id: str
+    actor_name: str
+    status: str
+    node_ip: str
+
+
+def proxies(details: dict[str, Any]) -> list[Proxy]:
+    """Serve's HTTP proxies, one per node (from `get_serve_details`)."""
+    return [
+        Proxy(*(_text(p.get(k)) for k in ("actor_id", "actor_name", "status", "node_ip")))
+        for p in (details.get("proxies") or {}).values()
+    ]
+
+
+def _text(value: Any) -> str:
+    """A detail as text; Serve gives the status as an enum, whose str() is its class name."""
+    return str(getattr(value, "value", value) or "")
+
+
+def _kv() -> Any:
+    from ray._private.worker import global_worker
+
+    return global_worker.gcs_client
+
+
+def write_table(model: str, table: dict[str, Any]) -> int:
+    """Store the model's route table (`prefix`, `routes`, `window_s`, `sessions`) and announce
+    it; returns its stamp."""
+    stamp = time.time_ns() // 1000
+    raw = json.dumps({**table, "model": model, "stamp": stamp}).encode()
+    gcs = _kv()
+    gcs.internal_kv_put(table_key(model), raw, True, NAMESPACE)
+    gcs.internal_kv_put(EPOCH_KEY, str(stamp).encode(), True, NAMESPACE)
+    return stamp
+
+
+def read_table(model: str) -> dict[str, Any] | None:
+    raw = _kv().internal_kv_get(table_key(model), NAMESPACE)
+    return json.loads(raw) if raw else None
+
+
+def delete_table(model: str) -> None:
+    gcs = _kv()
+    gcs.internal_kv_del(table_key(model), False, NAMESPACE)
+    gcs.internal_kv_put(EPOCH_KEY, str(time.time_ns() // 1000).encode(), True, NAMESPACE)
+
+
+def reports(ids: list[str]) -> dict[str, dict[str, Any]]:
+    """The latest report of each of these proxies that has published one."""
+    if not ids:
+        return {}
+    got = _kv().internal_kv_multi_get([proxy_key(i) for i in ids], NAMESPACE)
+    prefix = len(proxy_key(""))
+    return {k[prefix:].decode(): json.loads(v) for k, v in got.items()}
 
 
 @dataclass(frozen=True)
 class RouterView:
-    """What the running router replicas of one model reported, together."""
+    """What the proxies reported for one model, together."""
 
-    stamps: list[int]  # the config stamp each answering replica has applied
+    stamps: list[int]  # the table stamp each reporting proxy applies
     snapshot: dict[str, Any] = field(default_factory=dict)  # merged metrics window
 
     @property
@@ -35,65 +110,72 @@ class RouterView:
         return summarize(self.snapshot)
 
 
-def router_actor_names(name: str, details: dict[str, Any]) -> list[str]:
-    """The actor names of the model's RUNNING router replicas, from Serve's details."""
-    app = details.get("applications", {}).get(name) or {}
-    dep = app.get("deployments", {}).get(DEPLOYMENT) or {}
-    return [r["actor_name"] for r in dep.get("replicas", []) if r.get("state") == "RUNNING"]
+def read_router(model: str, details: dict[str, Any]) -> RouterView:
+    """The model's traffic as every live proxy reports it."""
+    ids = [p.actor_id for p in proxies(details) if p.status in LIVE]
+    mine = [r["models"][model] for r in reports(ids).values() if model in r.get("models", {})]
+    return RouterView(stamps=[int(m["stamp"]) for m in mine], snapshot=merge(mine))
 
 
-def _actor(actor_name: str) -> Any:
-    import ray
-
-    if actor_name not in _ACTORS:
-        _ACTORS[actor_name] = ray.get_actor(actor_name, namespace="serve")
-    return _ACTORS[actor_name]
-
-
-def read_router(actor_names: list[str], timeout_s: float = CALL_TIMEOUT_S) -> RouterView:
-    """Ask each router replica at once; a replica that is gone or slow is left out."""
-    import ray
-
-    refs = {}
-    for actor_name in actor_names:
-        try:
-            refs[_actor(actor_name).record_routing_stats.remote()] = actor_name
-        except ValueError:  # gone since Serve listed it
-            _ACTORS.pop(actor_name, None)
-    done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s) if refs else ([], [])
-    got = []
-    for ref in done:
-        try:
-            got.append(ray.get(ref))
-        except Exception:  # died meanwhile; a replacement will be listed
-            _ACTORS.pop(refs[ref], None)
-    return RouterView(
-        stamps=[int(s.get("stamp", -1)) for s in got],
-        snapshot=merge(got),
-    )
-
-
-def wait_for_stamp(
-    name: str, stamp: int, timeout_s: float, every_s: float, actor_names: list[str] | None = None
-) -> float:
-    """Poll the model's running router replicas until every one that answers has applied
-    `stamp` (a replica still starting reads the new config when it starts); returns the
-    seconds it took. Replicas are listed again when none is known yet or one went away."""
+def wait_for_stamp(model: str, stamp: int, timeout_s: float, every_s: float) -> float:
+    """Poll until every live proxy that has reported applies `stamp`; returns the seconds it
+    took. Proxies are listed again every half second (one may start or stop meanwhile)."""
     from executor.cluster import serve_client
 
     started = time.monotonic()
-    names = list(actor_names or [])
+    listed_at = -1.0
+    ids: list[str] = []
+    moved: dict[str, tuple[float, float]] = {}  # proxy → (its last report's t, seen at)
     while True:
-        if not names:
-            names = router_actor_names(name, serve_client().get_serve_details())
-        view = read_router(names, timeout_s=min(CALL_TIMEOUT_S, timeout_s))
-        if view.stamps and set(view.stamps) == {stamp}:
+        now = time.monotonic()
+        if now - listed_at >= 0.5:
+            ids = [p.actor_id for p in proxies(serve_client().get_serve_details())
+                   if p.status in LIVE]  # fmt: skip
+            listed_at = now
+        behind = []
+        for pid, r in reports(ids).items():
+            applied = r.get("models", {}).get(model, {}).get("stamp")
+            if applied == stamp:
+                continue
+            t, seen = moved.get(pid, (None, now))
+            if r.get("t") != t:
+                moved[pid] = (r.get("t"), now)
+            elif now - seen > STALE_S:
+                continue  # this proxy stopped reporting: gone
+            behind.append(f"{pid[:8]}: {applied}")
+        if not behind:
             return time.monotonic() - started
-        if len(view.stamps) < len(names):
-            names = []
         if time.monotonic() - started > timeout_s:
             raise TimeoutError(
                 f"the router did not take the new weights within {timeout_s:g} s "
-                f"(its replicas report stamps {sorted(view.stamps)}, not {stamp})"
+                f"(proxies report stamps {', '.join(behind)}, not {stamp})"
             )
         time.sleep(every_s)
+
+
+def check_routers(timeout_s: float = PROXY_START_TIMEOUT_S) -> int:
+    """Every HTTP proxy of the cluster must run the router; returns how many do.
+
+    Waits for Serve's proxies to start (a fresh Serve instance starts them now), then expects
+    a report from each healthy one: a proxy publishes one before it accepts connections.
+    """
+    from executor.cluster import serve_client
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        listed = proxies(serve_client().get_serve_details())
+        healthy = [p for p in listed if p.status == "HEALTHY"]
+        if healthy and all(p.status == "HEALTHY" for p in listed if p.status in LIVE):
+            break
+        if time.monotonic() > deadline:
+            raise InputError(f"Serve's HTTP proxies did not start within {timeout_s:g} s")
+        time.sleep(0.2)
+    got = reports([p.actor_id for p in healthy])
+    missing = [p.node_ip or p.actor_id for p in healthy if p.actor_id not in got]
+    if missing:
+        raise InputError(
+            f"the Serve HTTP proxy on {', '.join(missing)} does not run rollout's router: start "
+            f"every node of the cluster with {CALLBACK_ENV}={CALLBACK} in the environment of "
+            "`ray start` (see docs/executor.md, Authentication and what listens where)"
+        )
+    return len(healthy)

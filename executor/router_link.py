@@ -1,11 +1,12 @@
-"""The executor's one boundary to the router: the router application's config, the wait for
-its replicas to take a new weight, and the traffic they count.
+"""The executor's one boundary to the router: the model's route table, the wait for every
+proxy to take a new one, and the traffic the proxies count.
 
 Everything the backend knows of how traffic is split goes through these functions, so the
-router can change (another router, or routing inside Serve's HTTP proxy) by changing this
-module alone. Today the router is executor/router.py: a Serve application at the model's
-route prefix whose `user_config` carries the routes with a stamp; a weight counts as applied
-once every running router replica reports that stamp (executor/router_client.py).
+router can change by changing this module alone. The router runs inside each of Serve's HTTP
+proxies (executor/router.py) and reads each model's route table from Ray's key-value store
+(executor/router_client.py); a weight counts as applied once every live proxy reports the
+table's stamp. Each version is a Serve application at its own hidden route prefix
+(executor/routing.py), which `with_versions` (executor/serve_config.py) gives it.
 """
 
 from __future__ import annotations
@@ -15,125 +16,109 @@ from typing import Any
 
 from executor import router_client, router_metrics, serve_calls
 from executor.plan import Plan
-from executor.router import DEPLOYMENT as ROUTER_DEPLOYMENT
 from executor.router_metrics import guard_traffic
 from rollout import controller as c
 from rollout.driver import BackendError
 from rollout.guard import Traffic
 
-ROUTER_IMPORT = "executor.router:app"
-# The router is all non-blocking asyncio: its replicas run its code and its handles' routing on
-# the replica's own event loop (Serve's throughput settings), saving two thread hops a message.
-ROUTER_ENV = {
-    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-}
 ACK_TIMEOUT_S = 20.0
-ACK_POLL_S = 0.005  # how often the router replicas are asked whether they took a new config
+ACK_POLL_S = 0.005  # how often the proxies' reports are read while waiting for new weights
+DRAIN_POLL_S = 0.02  # ... and while waiting for a removed version's requests to end
 
 
-def routes(config: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The routes a router application config carries."""
-    if not config:
-        return []
-    return list(config["deployments"][0].get("user_config", {}).get("routes", []))
-
-
-def stamp(config: dict[str, Any] | None) -> int:
-    if not config:
-        return -1
-    return int(config["deployments"][0].get("user_config", {}).get("stamp", -1))
-
-
-def sessions(config: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The sticky-session settings a router application config carries (None: off)."""
-    if not config:
-        return None
-    return config["deployments"][0].get("user_config", {}).get("sessions")
-
-
-def router_app(
-    plan: Plan,
-    targets: dict[str, int],
-    weight: float,
-    session_weight: float,
-    deployed: dict[str, Any] | None,
+def route_table(
+    plan: Plan, targets: dict[str, int], weight: float, session_weight: float
 ) -> dict[str, Any]:
-    """The router application for these weights (pure): the deployed one unchanged when it
-    already routes so, else a new config with a new stamp. A version with no replica gets no
-    route. With sticky sessions on, the router also gets the candidate's share of sessions
-    and which version is the candidate (executor/routing.py)."""
-    table = []
+    """The model's route table for these weights (pure; `publish` stamps it). A version with
+    no replica gets no route. With sticky sessions on, the table also carries the candidate's
+    share of sessions and which version is the candidate (executor/routing.py)."""
+    routes = []
     for role, share in ((c.CURRENT, 1.0 - weight), (c.CANDIDATE, weight)):
         app = plan.app(role)
         if app is None or share <= 1e-9 or targets.get(role, 0) == 0:
             continue
-        table.append(
-            {
-                "version": plan.version(role),
-                "app": app,
-                "deployment": plan.deployment(role),
-                "weight": round(share, 6),
-            }
-        )
+        routes.append({"version": plan.version(role), "app": app, "weight": round(share, 6)})
     spec = plan.spec
     sticky = spec.routing.sticky
-    session_config = None
+    sessions = None
     if sticky is not None:
-        session_config = {
+        sessions = {
             "header": sticky.header,
             "cookie": sticky.cookie,
             "max_age_s": sticky.max_age_s,
             "candidate": plan.version(c.CANDIDATE),
             "weight": round(session_weight, 6),
         }
-    if deployed is not None and routes(deployed) == table and sessions(deployed) == session_config:
-        return deployed
     guard = spec.policy.guard  # the metric guard judges the router's window: its own if set
-    user_config = {
-        "stamp": time.time_ns() // 1000,
-        "routes": table,
-        "window_s": guard.window_s if guard else spec.router.metrics_window_s,
-        "sessions": session_config,
-    }
+    live = [plan.version(r) for r in (c.CURRENT, c.CANDIDATE) if plan.app(r) and targets.get(r)]
     return {
-        "name": plan.name,
-        "route_prefix": spec.http.route_prefix,
-        "import_path": ROUTER_IMPORT,
-        "args": {},
-        "runtime_env": {"env_vars": dict(ROUTER_ENV)},
-        "deployments": [
-            {
-                "name": ROUTER_DEPLOYMENT,
-                "num_replicas": spec.router.replicas,
-                # reconfigure every replica at once (Serve's default is 20 % at a time)
-                "rolling_update_percentage": 1.0,
-                "logging_config": {"enable_access_log": False},  # the versions log them
-                "user_config": user_config,
-            }
-        ],
+        "prefix": spec.http.route_prefix,
+        "routes": routes,
+        # the proxies forget the metrics of other versions: a label rolled out again (after a
+        # cancel) is judged by the guard on its new answers only
+        "live": live,
+        "window_s": guard.window_s if guard else spec.router.metrics_window_s,
+        "sessions": sessions,
     }
 
 
-def confirm(plan: Plan, config: dict[str, Any], timeout_s: float = ACK_TIMEOUT_S) -> float:
-    """Wait until every running router replica routes by `config`; the seconds it took. Called
-    before any scale-down, also when the config was already deployed (a re-run after a crash or
-    a timed-out acknowledgement), so no replica is removed while a router still sends to it."""
-    want = stamp(config)
+def publish(plan: Plan, table: dict[str, Any]) -> int:
+    """Store `table` unless the stored one already says the same; the stamp the proxies must
+    report either way (a re-run after a crash finds its table stored, and still waits)."""
+
+    def write() -> int:
+        old = router_client.read_table(plan.name) or {}
+        if "stamp" in old and {k: old.get(k) for k in table} == table:
+            return int(old["stamp"])
+        return router_client.write_table(plan.name, table)
+
+    return serve_calls.bounded(write, router_client.CALL_TIMEOUT_S + 15.0, "Ray's key-value store")
+
+
+def confirm(plan: Plan, stamp: int, timeout_s: float = ACK_TIMEOUT_S) -> float:
+    """Wait until every live proxy routes by the table `stamp`; the seconds it took. Called
+    before any scale-down, also when the table was already stored (a re-run after a crash or a
+    timed-out acknowledgement), so no replica is removed while a proxy still sends to it."""
 
     def wait() -> float:
-        return router_client.wait_for_stamp(plan.name, want, timeout_s, ACK_POLL_S)
+        return router_client.wait_for_stamp(plan.name, stamp, timeout_s, ACK_POLL_S)
 
     return serve_calls.bounded(wait, timeout_s + 15.0, "the router")
 
 
+def drain(plan: Plan, versions: list[str], timeout_s: float) -> float:
+    """Wait until no proxy has a request to these versions in flight, at most `timeout_s`; the
+    seconds it took. Called before a version's application is removed, after the router took
+    its weight away: a request the proxy still queues for one of its replicas would otherwise
+    wait for a replica that never comes."""
+
+    def wait() -> float:
+        started = time.monotonic()
+        details = serve_calls.details()
+        while True:
+            ongoing = router_client.read_router(plan.name, details).ongoing
+            waited = time.monotonic() - started
+            if not any(ongoing.get(v, 0) for v in versions) or waited > timeout_s:
+                return waited
+            time.sleep(DRAIN_POLL_S)
+
+    try:
+        return serve_calls.bounded(wait, timeout_s + 15.0, "the router")
+    except BackendError:  # the proxies cannot be read: Serve's graceful shutdown still applies
+        return 0.0
+
+
+def remove(name: str) -> None:
+    """Forget a model's route table (`down`): the proxies stop routing its prefix."""
+    router_client.delete_table(name)
+
+
 def ongoing(plan: Plan) -> float:
-    """Requests in flight at the model's router replicas, both versions together (0 when
-    there is no router yet, or it does not answer)."""
+    """Requests in flight at the model's router (all proxies), both versions together (0 when
+    no proxy has reported, or they cannot be read)."""
 
     def read() -> float:
-        names = router_client.router_actor_names(plan.name, serve_calls.details())
-        view = router_client.read_router(names)
+        view = router_client.read_router(plan.name, serve_calls.details())
         return float(sum(view.ongoing.values()))
 
     try:
@@ -143,12 +128,11 @@ def ongoing(plan: Plan) -> float:
 
 
 def snapshot(plan: Plan) -> dict[str, Any]:
-    """The router replicas' merged metrics snapshot (executor/router_metrics.py); empty while
-    no router replica answers."""
+    """The proxies' merged metrics snapshot (executor/router_metrics.py); empty while none can
+    be read."""
 
     def read() -> dict[str, Any]:
-        names = router_client.router_actor_names(plan.name, serve_calls.details())
-        return router_client.read_router(names).snapshot
+        return router_client.read_router(plan.name, serve_calls.details()).snapshot
 
     try:
         return serve_calls.bounded(read, router_client.CALL_TIMEOUT_S + 15.0, "the router")
@@ -157,8 +141,8 @@ def snapshot(plan: Plan) -> dict[str, Any]:
 
 
 def traffic(plan: Plan, snap: dict[str, Any]) -> dict[str, Traffic]:
-    """Each role's traffic in a `snapshot`, for the metric guard; with no router replica
-    answering the guard sees too few requests rather than a failure."""
+    """Each role's traffic in a `snapshot`, for the metric guard; with no proxy
+    reporting the guard sees too few requests rather than a failure."""
     return guard_traffic(snap, {role: plan.version(role) for role in (c.CURRENT, c.CANDIDATE)})
 
 

@@ -128,6 +128,16 @@ class Window:
             slot.ttfb[bucket(ttfb_s)] += 1
         slot.latency[bucket(latency_s)] += 1
 
+    def forget(self, keep: frozenset[str]) -> None:
+        """Drop the finished requests of every version not in `keep` (versions whose application
+        is gone), so that a later version of the same label starts with an empty window rather
+        than the old one's answers. Requests in flight stay counted."""
+        gone = {v for per in self._slots.values() for v in per} | set(self.served)
+        for version in gone - keep:
+            self.served.pop(version, None)
+            for per in self._slots.values():
+                per.pop(version, None)
+
     def _expire(self, second: int) -> None:
         for old in [s for s in self._slots if s <= second - self.retention_s]:
             del self._slots[old]

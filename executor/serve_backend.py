@@ -102,9 +102,11 @@ class ServeBackend:
         self._connect()
         added = {r: plan.targets[r] - self.mem.targets.get(r, 0) for r in ROLES}
         self._check_gpus({r: n for r, n in added.items() if n > 0})
+        before = self.mem.targets
         for w in plan.writes:
             began = time.time()
-            handed = self._write(w)
+            handed = self._write(w, before)
+            before = w.targets
             done = time.time()
             for name in w.applied:
                 self._applied(name, done, began)
@@ -116,10 +118,11 @@ class ServeBackend:
         self.mem.targets, self.mem.weight = plan.targets, plan.weight
         self.mem.session_weight = plan.session_weight
 
-    def _write(self, w: Write) -> list[str]:
-        """Write the whole declarative config with this write's counts and weight (unless the
-        cluster runs it already); then, if asked, wait for the router to confirm the weight.
-        Returns the roles handed back to Serve's autoscaling."""
+    def _write(self, w: Write, before: dict[str, int]) -> list[str]:
+        """Write the whole declarative config with this write's counts (unless the cluster runs
+        it already), then the route table with its weight; then, if asked, wait for the router
+        to confirm the weight. A version removed by this write first gets its requests in
+        flight at the proxies drained. Returns the roles handed back to Serve's autoscaling."""
         handed = [
             r
             for r in ROLES
@@ -127,17 +130,25 @@ class ServeBackend:
             and w.targets.get(r, 0) > 0
             and autoscaling_of(self.plan, r, w.targets[r]) is not None
         ]
+        table = router_link.route_table(self.plan, w.targets, w.weight, w.session_weight)
+        gone = [
+            str(self.plan.version(r))
+            for r in ROLES
+            if self.plan.app(r) and before.get(r, 0) > 0 and w.targets.get(r, 0) == 0
+        ]
+        if gone:  # the router no longer sends them anything: let what it sent end first
+            router_link.drain(self.plan, gone, self.plan.spec.model.graceful_shutdown_timeout_s)
         with serve_calls.config_lock():
             apps = declarative_apps(serve_calls.details())
             new = with_versions(self.plan, apps, w.targets, frozenset(handed))
-            router = router_link.router_app(
-                self.plan, w.targets, w.weight, w.session_weight, apps.get(self.plan.name)
-            )
-            new[self.plan.name] = router
+            new.pop(self.plan.name, None)  # the router app earlier releases ran there
             if new != apps:
                 serve_calls.deploy(new)
+            # after the versions: a new route's prefix is routed by Serve once its app is
+            # deployed, and a removed version had its weight taken away by an earlier write
+            stamp = router_link.publish(self.plan, table)
         if w.confirm:
-            router_link.confirm(self.plan, router)
+            router_link.confirm(self.plan, stamp)
         return handed
 
     def _applied(self, action: str, done: float, began: float) -> None:

@@ -229,10 +229,12 @@ def config_lock(wait_s: float = LOCK_WAIT_S, ttl_s: float = LOCK_TTL_S) -> Itera
 
 
 def remove_apps(name: str) -> list[str]:
-    """Delete a model's router and every version application (what `down DEPLOY.yaml` does)."""
+    """Delete a model's route table and every version application (`down DEPLOY.yaml`)."""
+    from executor.router_link import remove
     from executor.serve_config import declarative_apps
 
     with config_lock():
+        remove(name)
         apps = declarative_apps(details())
         mine = [a for a in apps if a == name or a.startswith(f"{name}_")]
         if mine:

@@ -2,11 +2,12 @@
 details JSON, no Ray.
 
 Layout on the cluster: one Serve application per version (`{name}_{version}`, one GPU
-deployment each) and a router application (`{name}`) in front that splits traffic by the
-controller's weight. Every change is declarative (`deploy_apps` with the whole
-multi-application config), because a repeated `serve.run` restarts every replica; replica
-counts and router weights are lightweight fields, so no running replica restarts. An
-application scaled to zero is dropped from the config, which deletes it.
+deployment each) at its own hidden route prefix (`/_rollout/{name}_{version}`); the router in
+Serve's HTTP proxies splits the model's public prefix between them (executor/router.py). Every
+change is declarative (`deploy_apps` with the whole multi-application config), because a
+repeated `serve.run` restarts every replica; replica counts are lightweight fields, so no
+running replica restarts. An application scaled to zero is dropped from the config, which
+deletes it.
 
 Who sizes a version is in its config too. A version with an `autoscaling` block always carries
 an `autoscaling_config`: Serve's own between rollouts, and the same one pinned at the
@@ -26,6 +27,7 @@ import copy
 from typing import Any
 
 from executor.plan import ROLES, Plan
+from executor.routing import hidden_prefix
 from rollout.controller import CANDIDATE
 
 
@@ -68,6 +70,7 @@ def with_versions(
             out.pop(app, None)
             continue
         conf = copy.deepcopy(template)
+        conf["route_prefix"] = hidden_prefix(app)  # where the router sends the version's share
         dep = conf["deployments"][0]
         scaling = autoscaling_of(plan, role, n)
         dep.pop("autoscaling_config", None)

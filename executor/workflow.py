@@ -119,8 +119,8 @@ def iterate_step(plan_json: str, carry_json: str, controls: list[dict[str, Any]]
 
 @DBOS.step(retries_allowed=True, max_attempts=5, interval_seconds=1.0)
 def finish_step(plan_json: str, outcome: str, reason: str = "") -> str:
-    """Close the rollout's record. A failed first deploy leaves nothing behind (its router
-    included); `reason` is set only when the workflow gave up on its controller (a bug that
+    """Close the rollout's record. A failed first deploy leaves nothing behind (its route
+    table included); `reason` is set only when the workflow gave up on its controller (a bug that
     kept every iteration from running), recorded as the rollout's `finished` event."""
     plan = Plan.model_validate_json(plan_json)
     events: list[h.Event] = []

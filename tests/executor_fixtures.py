@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -180,6 +182,84 @@ def local_ray(tmp: Path, num_gpus: int) -> Iterator[RayCluster]:
                 os.environ[k] = v
         auth.reload()
         ray_constants.ENABLE_RAY_CLUSTER = multi_node
+
+
+# ---- a second node ----------------------------------------------------------------------------
+
+# `ray start --address=127.0.0.1:PORT` for a second node, except that the address stays on the
+# loopback: on a node allowed to join (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1) Ray swaps 127.0.0.1
+# for the machine's network address, where the local cluster's head (every server on 127.0.0.1)
+# does not listen.
+JOIN_ON_LOOPBACK = (
+    "import ray._private.services as s; s.resolve_ip_for_localhost = lambda host: host; "
+    "from ray.scripts.scripts import main; main()"
+)
+PIN_APP = "node-pin"  # a replica that makes Serve start a proxy on the extra node
+
+
+@contextmanager
+def extra_node(c: RayCluster, *, router: bool) -> Iterator[None]:
+    """A second node on 127.0.0.1, started with or without rollout's router in its
+    environment, and one tiny replica pinned to it (by a resource only that node has): Serve
+    runs an HTTP proxy on the head and on every node that runs a replica. The second proxy
+    listens on the same port (Serve's proxies set SO_REUSEPORT), so connections spread over two
+    proxies as over the machines of a cluster behind one address. At exit the replica and the
+    node go, and Serve's list of proxies is back to one."""
+    import ray
+
+    from executor import cluster
+    from executor import router as r
+    from executor.router_client import proxies
+    from executor.serve_calls import config_lock, deploy
+    from executor.serve_config import declarative_apps
+
+    info = cluster.local_cluster()
+    assert info is not None
+    env = dict(c.env(), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1")  # a node may join
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # its replica is gone before it stops
+    env.pop(r.CALLBACK_ENV, None)
+    if router:
+        env[r.CALLBACK_ENV] = r.CALLBACK  # what docs/executor.md asks of every node
+    temp_dir = tempfile.mkdtemp(prefix="rollout-node-", dir="/tmp")  # short: socket paths
+    log = (c.tmp / "extra-node.log").open("a")  # `ray start`'s own words, when it cannot join
+    node = subprocess.Popen(
+        [sys.executable, "-c", JOIN_ON_LOOPBACK, "start", f"--address={info.address}",
+         "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0", "--block",
+         '--resources={"extra_node": 1}', "--disable-usage-stats", f"--temp-dir={temp_dir}",
+         f"--dashboard-agent-listen-port={free_port()}"],
+        env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    log.close()
+
+    def set_pin(on: bool) -> None:
+        with config_lock():
+            apps = declarative_apps(serve_details())
+            apps.pop(PIN_APP, None)
+            if on:
+                apps[PIN_APP] = {
+                    "name": PIN_APP, "route_prefix": None, "import_path": "examples.echo:app",
+                    "args": {"version": "pin"},
+                    "deployments": [{"name": "Echo", "num_replicas": 1, "ray_actor_options":
+                                     {"num_cpus": 0, "resources": {"extra_node": 0.01}}}],
+                }  # fmt: skip
+            deploy(apps)
+
+    try:
+        joined = lambda: ray.cluster_resources().get("extra_node") or node.poll() is not None  # noqa: E731
+        wait_for(joined, 60, what="the node to join")
+        assert node.poll() is None, (c.tmp / "extra-node.log").read_text()[-2000:]
+        set_pin(True)
+        wait_for(
+            lambda: [p.status for p in proxies(serve_details())] == ["HEALTHY"] * 2,
+            90,
+            what="a second HTTP proxy",
+        )
+        yield
+    finally:
+        set_pin(False)
+        cluster._stop_pid(node.pid)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        wait_for(lambda: len(proxies(serve_details())) == 1, 90, what="the node's proxy to go")
 
 
 # ---- looking at the cluster ------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Bad deploy files and unknown rollout ids: one clear line and a non-zero exit; plus the
-executor's pure pieces (router choice, config merging, history reading) without a cluster."""
+executor's pure pieces (config merging, history reading) without a cluster."""
 
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ import yaml
 
 from executor import status, store
 from executor.deploy_file import load_deploy_file
-from executor.router import Router
-from executor.router_link import routes as router_routes
 from executor.serve_config import declarative_apps, live_versions
 from rollout import history as h
 from rollout.errors import InputError
@@ -129,44 +127,6 @@ def test_unknown_rollout_id(tmp_path: Path, args: list[str]) -> None:
         assert out.stdout == ""
 
 
-# ---- the router's choice ---------------------------------------------------------------------
-
-
-def test_router_reconfigure_drops_zero_weights(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The router takes the controller's routes from its user_config (the choice by weight is
-    tested in test_router_units.py): zero weights are dropped, handles made once per app."""
-    import asyncio
-
-    import executor.router as r
-
-    class Handle:
-        def __init__(self, app: str) -> None:
-            self.app, self.source = app, None
-
-        def _init(self, **options: Any) -> None:
-            self.source = options["_source"]
-
-        def options(self, **options: Any) -> tuple[str, Any, bool]:
-            return self.app, self.source, options["stream"]
-
-    monkeypatch.setattr(r.serve, "get_deployment_handle", lambda dep, app: Handle(app))
-    router = Router.func_or_class.__new__(Router.func_or_class)
-    asyncio.run(Router.func_or_class.__init__(router))
-    config = {
-        "stamp": 7,
-        "routes": [
-            {"version": "v1", "app": "m_v1", "deployment": "Model", "weight": 0.0},
-            {"version": "v2", "app": "m_v2", "deployment": "Model", "weight": 1.0},
-        ],
-    }
-    asyncio.run(router.reconfigure(config))
-    stats = asyncio.run(router.record_routing_stats())
-    assert stats["stamp"] == 7
-    assert stats["weights"] == {"v2": 1.0}
-    assert stats["ongoing"] == {} and stats["versions"] == {}
-    assert router.handles == {"m_v2": ("m_v2", r.DeploymentHandleSource.PROXY, True)}
-
-
 # ---- reading Serve's details -----------------------------------------------------------------
 
 
@@ -186,9 +146,6 @@ def test_declarative_apps_keeps_only_config_deployed_live_apps() -> None:
     assert declarative_apps(details) == {"m": {"a": 1}, "m_v2": {"b": 2}}
     assert set(live_versions("m", details)) == {"v2"}
     assert live_versions("mm", details) == {}
-    conf = {"deployments": [{"user_config": {"routes": [{"version": "v2", "weight": 1.0}]}}]}
-    assert router_routes(conf) == [{"version": "v2", "weight": 1.0}]
-    assert router_routes(None) == []
 
 
 # ---- reading the history back ----------------------------------------------------------------

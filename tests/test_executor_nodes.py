@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from executor_fixtures import (
     GPUS,
+    JOIN_ON_LOOPBACK,
     REPO,
     RayCluster,
     free_port,
@@ -33,14 +34,6 @@ from examples.load import Load
 pytestmark = pytest.mark.ray
 
 NAME = "nodes"
-# `ray start --address=127.0.0.1:PORT` for a second node, except that the address stays on the
-# loopback: on a node allowed to join (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1) Ray swaps 127.0.0.1
-# for the machine's network address, where the local cluster's head (every server on 127.0.0.1)
-# does not listen.
-JOIN_ON_LOOPBACK = (
-    "import ray._private.services as s; s.resolve_ip_for_localhost = lambda host: host; "
-    "from ray.scripts.scripts import main; main()"
-)
 
 
 @dataclass
@@ -52,11 +45,12 @@ class GpuNode:
     temp_dir: str = ""
 
     def start(self) -> None:
-        from executor import cluster
+        from executor import cluster, router
 
         info = cluster.local_cluster()
         assert info is not None
         env = dict(self.c.env(), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1")  # a node may join
+        env[router.CALLBACK_ENV] = router.CALLBACK  # its Serve proxy runs rollout's router
         self.temp_dir = tempfile.mkdtemp(prefix="rollout-node-", dir="/tmp")  # short paths
         log = (self.c.tmp / "gpu-node.log").open("a")  # `ray start`'s own words
         self.proc = subprocess.Popen(

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from executor import observation, router_link, serve_backend, serve_calls
+from executor import observation, router_client, router_link, serve_backend, serve_calls
 from executor.apply_order import Write, order
 from executor.deploy_file import DeploySpec
 from executor.observation import Snapshot
@@ -208,12 +208,13 @@ def test_a_session_weight_change_alone_is_written_and_confirmed() -> None:
 def test_a_replayed_apply_finds_its_config_deployed_and_still_waits_for_the_router(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A crash between `deploy_apps` and the step's checkpoint: the re-run's first write
-    changes nothing on the cluster, yet the scale-down waits for the router's confirmation."""
+    """A crash between the step's writes and its checkpoint: the re-run's first write changes
+    nothing on the cluster, yet the scale-down waits for the router's confirmation."""
     snaps = recorded("candidate_starts")
     plan = plan_for(snaps, "v2")
     calls: list[str] = []
     deployed: dict[str, dict[str, Any]] = {}
+    tables: dict[str, dict[str, Any]] = {}
 
     def deploy(apps: dict[str, dict[str, Any]]) -> None:
         calls.append("deploy " + ",".join(sorted(apps)))
@@ -225,25 +226,37 @@ def test_a_replayed_apply_finds_its_config_deployed_and_still_waits_for_the_rout
             k: {"deployed_app_config": v, "source": "declarative", "status": "RUNNING"}
             for k, v in deployed.items()}}  # fmt: skip
 
+    def write_table(model: str, table: dict[str, Any]) -> int:
+        stamp = len(calls)
+        calls.append(f"table {stamp}")
+        tables[model] = {**table, "model": model, "stamp": stamp}
+        return stamp
+
     monkeypatch.setattr(serve_calls, "details", details)
     monkeypatch.setattr(serve_calls, "deploy", deploy)
     monkeypatch.setattr(serve_calls, "gpus", lambda: (6.0, 6.0))
     monkeypatch.setattr(serve_calls, "connect", lambda address: None)
     monkeypatch.setattr(serve_calls, "config_lock", contextlib.nullcontext)
+    monkeypatch.setattr(router_client, "read_table", tables.get)
+    monkeypatch.setattr(router_client, "write_table", write_table)
     monkeypatch.setattr(
-        router_link, "confirm",
-        lambda plan, config: calls.append(f"confirm {router_link.stamp(config)}") or 0.0,
-    )  # fmt: skip
+        router_link, "confirm", lambda plan, stamp: calls.append(f"confirm {stamp}") or 0.0
+    )
     actions = [c.SetWeight(0.5), c.ScaleTo(c.CURRENT, 1)]
     memory = Memory(targets={c.CURRENT: 2, c.CANDIDATE: 1}, weight=0.0)
     serve_backend.ServeBackend(plan, memory).apply(actions)
-    stamp = router_link.stamp(deployed["m"])
-    assert calls == ["deploy m,m_v1,m_v2", f"confirm {stamp}", "deploy m,m_v1,m_v2"]
+    stamp = tables["m"]["stamp"]
+    assert calls == ["deploy m_v1,m_v2", f"table {stamp}", f"confirm {stamp}", "deploy m_v1,m_v2"]
+    assert [(r["version"], r["weight"]) for r in tables["m"]["routes"]] == [
+        ("v1", 0.5),
+        ("v2", 0.5),
+    ]
+    assert {a["route_prefix"] for a in deployed.values()} == {"/_rollout/m_v1", "/_rollout/m_v2"}
     calls.clear()
     deployed["m_v1"]["deployments"][0]["num_replicas"] = 2  # the crash came before the scale-down
     serve_backend.ServeBackend(plan, memory).apply(actions)  # the re-run, from the same memory
-    assert calls == [f"confirm {stamp}", "deploy m,m_v1,m_v2"]
-    assert router_link.stamp(deployed["m"]) == stamp
+    assert calls == [f"confirm {stamp}", "deploy m_v1,m_v2"]
+    assert tables["m"]["stamp"] == stamp
 
 
 # ---- every call has a timeout ---------------------------------------------------------------

@@ -23,6 +23,7 @@ import pytest
 from executor_fixtures import (
     RayCluster,
     ensure_live,
+    extra_node,
     live_version,
     ray_cluster,
     remove,
@@ -167,7 +168,7 @@ def test_only_token_checked_servers_listen_beyond_loopback(served: RayCluster) -
     # Serve 2.60 binds each replica's inter-deployment gRPC server to [::]; nothing else is wide
     replicas = [r for a in serve_details()["applications"].values()
                 for d in a["deployments"].values() for r in d["replicas"]]  # fmt: skip
-    assert len(replicas) == 3  # the model's replica and its router's two
+    assert len(replicas) == 1  # the model's replica (the router lives in Serve's proxy)
     assert sorted(name for _, _, name in wide) == ["ray::ServeReplica"] * len(replicas)
     assert {ip for ip, _, _ in wide} == {"::"}
     bearer = (("authorization", "Bearer " + token(c)),)
@@ -342,3 +343,27 @@ def check_json_only(url: str, rollout_id: str, c: RayCluster, folder: Path) -> N
         got.stderr == "rollout: error: the store holds a pickled value; rollout reads JSON only\n"
     )
     assert not os.path.exists("/tmp/rollout-unpickled")
+
+
+# ---- a cluster of one's own: every node's proxy must run the router ------------------------
+
+
+def test_a_proxy_without_the_router_is_one_line(served: RayCluster) -> None:
+    """A node started without the router's variable (a cluster the user brings, half set up):
+    its Serve proxy would pass the model's requests to no version, so `deploy` refuses to
+    start, in one line naming the node and the variable, and changes nothing."""
+    from executor.router import CALLBACK, CALLBACK_ENV
+
+    c = served
+    before = live_version(NAME)
+    own = {"address": c.address, "token_file": str(c.home / "ray-token")}
+    path = c.deploy_file(NAME, "v9", replicas=1, cluster=own)
+    with extra_node(c, router=False):
+        out = c.cli("deploy", str(path))
+    assert out.returncode == 2 and out.stdout == "", out.stdout + out.stderr
+    assert out.stderr.count("\n") == 1
+    assert out.stderr.startswith(
+        "rollout: error: the Serve HTTP proxy on 127.0.0.1 does not run rollout's router: "
+    )
+    assert f"{CALLBACK_ENV}={CALLBACK}" in out.stderr
+    assert live_version(NAME) == before

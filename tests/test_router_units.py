@@ -1,14 +1,21 @@
-"""The router's pure parts: the route table's choice and the windowed per-version metrics."""
+"""The router without a cluster: the route table's choice (by weight and by session), path
+rewriting, the windowed per-version metrics, and the proxy middleware driven with a fake Serve
+app and store."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import math
 import random
+import time
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from executor.router import Router
 from executor.router_metrics import (
     BASE_S,
     GROWTH,
@@ -22,14 +29,21 @@ from executor.router_metrics import (
     status_class,
     summarize,
 )
-from executor.routing import RouteTable, Sticky
+from executor.routing import (
+    RouteTable,
+    Sticky,
+    hidden_prefix,
+    model_for,
+    public_location,
+    rewrite_path,
+    under,
+)
 from rollout.sticky import session_point
 
 
 def table(*weights: float) -> RouteTable:
     routes = [
-        {"version": f"v{i}", "app": f"m_v{i}", "deployment": "D", "weight": w}
-        for i, w in enumerate(weights, start=1)
+        {"version": f"v{i}", "app": f"m_v{i}", "weight": w} for i, w in enumerate(weights, start=1)
     ]
     return RouteTable.from_config({"stamp": 7, "routes": routes})
 
@@ -73,8 +87,7 @@ class TestRouteTable:
 def sticky_table(session_weight: float, *weights: float, **sticky: object) -> RouteTable:
     """v1 (current) and v2 (candidate) with these weights and sticky sessions on."""
     routes = [
-        {"version": f"v{i}", "app": f"m_v{i}", "deployment": "D", "weight": w}
-        for i, w in enumerate(weights, start=1)
+        {"version": f"v{i}", "app": f"m_v{i}", "weight": w} for i, w in enumerate(weights, start=1)
     ]
     sessions = {"header": "x-session-id", "cookie": None, "max_age_s": 60.0,
                 "candidate": "v2", "weight": session_weight, **sticky}  # fmt: skip
@@ -132,7 +145,7 @@ class TestStickyRoutes:
         first deploy (no current version) sends every session to the candidate."""
         no_candidate = sticky_table(0.6, 1.0, 0.0)
         assert {no_candidate.pick_session(f"s{i}").version for i in range(100)} == {"v1"}  # type: ignore[union-attr]
-        routes = [{"version": "v2", "app": "m_v2", "deployment": "D", "weight": 1.0}]
+        routes = [{"version": "v2", "app": "m_v2", "weight": 1.0}]
         only = RouteTable.from_config({"routes": routes, "sessions": {"candidate": "v2"}})
         assert {only.pick_session(f"s{i}").version for i in range(100)} == {"v2"}  # type: ignore[union-attr]
         assert RouteTable.from_config({"sessions": {"candidate": "v2"}}).pick_session("k") is None
@@ -208,6 +221,17 @@ class TestWindow:
         assert snap["ongoing"] == {"v1": 1}
         assert snap["served"] == {"v1": 1, "v2": 1}
 
+    def test_a_gone_version_is_forgotten(self) -> None:
+        w = Window()
+        for version in ("v1", "v2", "v2"):
+            w.started(version)
+            w.finished(version, 100.0, status=500, ttfb_s=0.01, latency_s=0.1)
+        w.started("v2")  # in flight when v2's application goes
+        w.forget(frozenset({"v1"}))
+        snap = w.snapshot(100.0, 60)
+        assert set(snap["versions"]) == {"v1"} and snap["served"] == {"v1": 1}
+        assert snap["ongoing"] == {"v2": 1}
+
     def test_the_window_slides(self) -> None:
         w = Window(retention_s=120)
         for t in range(0, 100):  # one request a second, latency t ms
@@ -242,56 +266,276 @@ class TestWindow:
         assert 0 < v1.failure_rate < 1
 
 
-class TestForwarding:
-    """The router's request plumbing that needs no cluster."""
+class TestPaths:
+    @pytest.mark.parametrize(
+        "path,prefix,want",
+        [("/a", "/a", True), ("/a/b", "/a", True), ("/ab", "/a", False), ("/", "/a", False),
+         ("/x", "/", True), ("/", "/", True), ("/a/b/c", "/a/b", True)],
+    )  # fmt: skip
+    def test_prefixes_match_as_serve_matches_them(self, path: str, prefix: str, want: bool) -> None:
+        assert under(path, prefix) is want
+
+    def test_the_longest_public_prefix_wins_and_hidden_paths_are_nobodys(self) -> None:
+        root = RouteTable(model="root", prefix="/")
+        chat = RouteTable(model="chat", prefix="/chat")
+        tables = [root, chat]
+        assert model_for(tables, "/chat/v1/completions") is chat
+        assert model_for(tables, "/chatty") is root
+        assert model_for(tables, "/") is root
+        assert model_for(tables, hidden_prefix("chat_v1") + "/x") is None
+        assert model_for(tables, "/_rollout") is None
+        assert model_for(tables, "/-/healthz") is None and model_for(tables, "/-/routes") is None
+        assert model_for([chat], "/other") is None
 
     @pytest.mark.parametrize(
-        "headers,has",
-        [
-            ([], False),
-            ([(b"content-length", b"0")], False),
-            ([(b"content-length", b"12")], True),
-            ([(b"transfer-encoding", b"chunked")], True),
-            ([(b"x-other", b"1")], False),
-        ],
-    )
-    def test_which_requests_carry_a_body(self, headers: list, has: bool) -> None:
-        from executor.router import _has_body
+        "path,public,want",
+        [("/chat/v1/models", "/chat", "/_rollout/c_v1/v1/models"),
+         ("/chat", "/chat", "/_rollout/c_v1"),
+         ("/chat/", "/chat", "/_rollout/c_v1/"),
+         ("/v1/models", "/", "/_rollout/c_v1/v1/models"),
+         ("/", "/", "/_rollout/c_v1/")],
+    )  # fmt: skip
+    def test_paths_move_below_the_versions_prefix(self, path: str, public: str, want: str) -> None:
+        assert rewrite_path(path, public, hidden_prefix("c_v1")) == want
 
-        assert _has_body({"headers": headers}) is has
+    @pytest.mark.parametrize(
+        "location,public,want",
+        [("http://h:8000/_rollout/c_v1/items/?a=1", "/chat", "http://h:8000/chat/items/?a=1"),
+         ("/_rollout/c_v1/items", "/chat", "/chat/items"),
+         ("/_rollout/c_v1", "/chat", "/chat"),
+         ("/_rollout/c_v1/x", "/", "/x"),
+         ("/_rollout/c_v1", "/", "/"),
+         ("hello?name=moved", "/chat", "hello?name=moved"),
+         ("https://example.com/docs", "/chat", "https://example.com/docs"),
+         ("/_rollout/c_v10/x", "/chat", "/_rollout/c_v10/x")],
+    )  # fmt: skip
+    def test_redirects_to_the_versions_prefix_name_the_public_one(
+        self, location: str, public: str, want: str
+    ) -> None:
+        assert public_location(location, hidden_prefix("c_v1"), public) == want
 
-    def test_the_body_reaches_the_version_once_then_receive_waits(self) -> None:
-        import asyncio
-        import pickle
 
-        from executor.router import BufferedBody
+# ---- the middleware, in front of a fake Serve proxy app -----------------------------------------
 
-        async def main() -> list:
-            body = pickle.loads(pickle.dumps(BufferedBody(b"\x00abc")))  # as a replica gets it
-            first = pickle.loads(await body(None))
-            with pytest.raises(TimeoutError):
-                await asyncio.wait_for(body(None), 0.05)
-            return first
 
-        assert asyncio.run(main()) == [{"type": "http.request", "body": b"\x00abc",
-                                        "more_body": False}]  # fmt: skip
+class FakeStore:
+    """Route tables and reports in memory, as the proxy would see Ray's key-value store."""
 
-    def test_the_version_header_and_answers_of_its_own(self) -> None:
-        import asyncio
-        import json
+    def __init__(self, tables: dict[str, dict]) -> None:
+        self.raw = {f"table/{k}": json.dumps(v).encode() for k, v in tables.items()}
+        self.epoch_value = b"1"
+        self.reads = 0
+        self.reports: list[dict] = []
 
-        from executor.router import VERSION_HEADER, _answer
+    def load(self) -> dict[str, bytes]:
+        return dict(self.raw)
 
-        sent: list = []
+    def publish(self, report: bytes) -> None:
+        self.reports.append(json.loads(report))
 
-        async def send(msg: dict) -> None:
-            sent.append(msg)
+    async def epoch(self) -> bytes | None:
+        return self.epoch_value
 
-        asyncio.run(_answer(send, 503, {"error": "no version is ready to serve"}))
-        asyncio.run(_answer(send, 500, {"error": "x"}, "v2"))
-        assert sent[0]["status"] == 503 and VERSION_HEADER not in dict(sent[0]["headers"])
+    async def tables(self) -> dict[str, bytes]:
+        self.reads += 1
+        return dict(self.raw)
+
+    async def publish_async(self, report: bytes) -> None:
+        self.publish(report)
+
+
+class FakeServe:
+    """Serve's proxy app: its route table, and an answer recording the scope it was given."""
+
+    def __init__(self, prefixes: list[str], status: int = 200, stream: int = 1,
+                 location: str | None = None, finish: bool = True) -> None:  # fmt: skip
+        self.prefixes, self.status, self.stream = prefixes, status, stream
+        self.location, self.finish = location, finish
+        self.scopes: list[dict] = []
+
+    def match_route(self, path: str) -> tuple[str, object, bool] | None:
+        hits = [p for p in self.prefixes if under(path, p)]
+        return (max(hits, key=len), object(), False) if hits else None
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        self.scopes.append(scope)
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.accept", "headers": [(b"x-w", b"1")]})
+            return
+        headers = [(b"content-type", b"text/plain")]
+        if self.location:
+            headers.append((b"location", self.location.encode()))
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        for i in range(self.stream):
+            await send({"type": "http.response.body", "body": b"%d" % i, "more_body": True})
+        if self.finish:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        else:
+            assert (await receive())["type"] == "http.disconnect"
+
+
+def chat_table(weights: dict[str, float], stamp: int = 3) -> dict:
+    routes = [{"version": v, "app": f"chat_{v}", "weight": w} for v, w in weights.items()]
+    return {"model": "chat", "prefix": "/chat", "stamp": stamp, "routes": routes, "window_s": 30}
+
+
+def middleware(serve: FakeServe, store: FakeStore) -> Router:
+    return Router(serve, store=store, routes=serve)
+
+
+def call(
+    router: Router,
+    path: str,
+    *,
+    kind: str = "http",
+    raw: bool = True,
+    disconnect: bool = False,
+    headers: list | None = None,
+) -> tuple[list[dict], dict]:
+    scope: dict[str, Any] = {
+        "type": kind,
+        "path": path,
+        "root_path": "",
+        "headers": headers or [],
+        "query_string": b"a=1",
+    }
+    if raw:
+        scope["raw_path"] = path.encode()
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        if disconnect:
+            return {"type": "http.disconnect"}
+        await asyncio.sleep(10)
+        return {}
+
+    async def send(msg: dict) -> None:
+        sent.append(msg)
+
+    asyncio.run(router(scope, receive, send))
+    return sent, scope
+
+
+HIDDEN = ["/_rollout/chat_v1", "/_rollout/chat_v2"]
+
+
+class TestMiddleware:
+    def test_a_request_goes_to_the_versions_prefix_and_comes_back_labelled(self) -> None:
+        serve = FakeServe(HIDDEN, stream=3, location="http://h/_rollout/chat_v1/items/")
+        store = FakeStore({"chat": chat_table({"v1": 1.0})})
+        router = middleware(serve, store)
+        sent, scope = call(router, "/chat/v1/models")
+        inner = serve.scopes[0]
+        assert inner["path"] == "/_rollout/chat_v1/v1/models"
+        assert inner["raw_path"] == b"/_rollout/chat_v1/v1/models"
+        assert inner["query_string"] == b"a=1" and inner["root_path"] == ""
+        assert scope["path"] == "/chat/v1/models"  # the caller's scope is left as it was
+        start = sent[0]
+        assert start["status"] == 200
+        assert (b"x-rollout-version", b"v1") in start["headers"]
+        assert (b"location", b"http://h/chat/items/") in start["headers"]
+        assert [m.get("body") for m in sent[1:]] == [b"0", b"1", b"2", b""]
+        snap = router.windows["chat"].snapshot(time.time(), 30)
+        assert snap["served"] == {"v1": 1} and snap["ongoing"] == {}
+        assert snap["versions"]["v1"]["status"] == {"2xx": 1}
+        assert store.reports[0]["models"]["chat"]["stamp"] == 3  # reported before serving
+
+    def test_weights_split_the_requests(self) -> None:
+        serve = FakeServe(HIDDEN)
+        router = middleware(serve, FakeStore({"chat": chat_table({"v1": 0.75, "v2": 0.25})}))
+        random.seed(11)
+        for _ in range(400):
+            call(router, "/chat/x")
+        share = sum(s["path"].startswith("/_rollout/chat_v2/") for s in serve.scopes) / 400
+        assert abs(share - 0.25) < 4 * math.sqrt(0.25 * 0.75 / 400)
+
+    def test_no_version_taking_traffic_is_a_503_of_the_routers_own(self) -> None:
+        serve = FakeServe(HIDDEN)
+        sent, _ = call(middleware(serve, FakeStore({"chat": chat_table({})})), "/chat/x")
+        assert sent[0]["status"] == 503 and not serve.scopes
         assert json.loads(sent[1]["body"]) == {"error": "no version is ready to serve"}
-        assert dict(sent[2]["headers"])[VERSION_HEADER] == b"v2"
+        assert b"x-rollout-version" not in dict(sent[0]["headers"])
+
+    def test_a_version_serve_does_not_route_yet_is_not_sent_a_request(self) -> None:
+        serve = FakeServe(["/"])  # an application at "/" would otherwise take it
+        sent, _ = call(middleware(serve, FakeStore({"chat": chat_table({"v1": 1})})), "/chat/x")
+        assert sent[0]["status"] == 503 and not serve.scopes
+        assert json.loads(sent[1]["body"])["error"] == "version v1 is not routed by Serve yet"
+
+    def test_other_paths_and_longer_serve_prefixes_pass_untouched(self) -> None:
+        serve = FakeServe([*HIDDEN, "/chat/admin"])
+        router = middleware(serve, FakeStore({"chat": chat_table({"v1": 1.0})}))
+        for path in ("/chat/admin/x", "/other", "/_rollout/chat_v1/x", "/-/healthz"):
+            sent, scope = call(router, path)
+            assert serve.scopes[-1] is scope
+            assert b"x-rollout-version" not in dict(sent[0]["headers"])
+        assert router.windows == {}
+
+    def test_a_client_that_leaves_is_counted_cancelled_and_a_cut_answer_an_error(self) -> None:
+        serve = FakeServe(HIDDEN, finish=False)
+        router = middleware(serve, FakeStore({"chat": chat_table({"v1": 1.0})}))
+        call(router, "/chat/x", disconnect=True)
+        statuses = router.windows["chat"].snapshot(time.time(), 30)["versions"]["v1"]["status"]
+        assert statuses == {"cancelled": 1}
+
+    def test_websockets_are_routed_too(self) -> None:
+        serve = FakeServe(HIDDEN)
+        router = middleware(serve, FakeStore({"chat": chat_table({"v1": 1.0})}))
+        sent, _ = call(router, "/chat/ws", kind="websocket", raw=False)
+        assert serve.scopes[0]["path"] == "/_rollout/chat_v1/ws"
+        assert sent[0]["type"] == "websocket.accept"
+        assert sent[0]["headers"] == [(b"x-w", b"1"), (b"x-rollout-version", b"v1")]
+
+    def test_new_weights_are_read_when_the_epoch_moves_and_reported(self) -> None:
+        store = FakeStore({"chat": chat_table({"v1": 1.0})})
+        router = middleware(FakeServe(HIDDEN), store)
+        asyncio.run(router.step())
+        assert store.reads == 1  # the epoch differs from none at first
+        asyncio.run(router.step())
+        assert store.reads == 1  # unchanged epoch: the tables are not read again
+        store.raw["table/chat"] = json.dumps(chat_table({"v1": 0.5, "v2": 0.5}, 4)).encode()
+        store.epoch_value = b"2"
+        asyncio.run(router.step())
+        assert router.tables["chat"].weights() == {"v1": 0.5, "v2": 0.5}
+        assert store.reports[-1]["models"]["chat"]["stamp"] == 4
+        del store.raw["table/chat"]
+        store.epoch_value = b"3"
+        asyncio.run(router.step())
+        assert router.tables == {} and store.reports[-1]["models"] == {}
+
+    def test_a_session_keeps_its_version_and_is_counted_once(self) -> None:
+        sessions = {"header": "x-session-id", "cookie": None, "max_age_s": 60.0,
+                    "candidate": "v2", "weight": 0.5}  # fmt: skip
+        store = FakeStore({"chat": {**chat_table({"v1": 0.5, "v2": 0.5}), "sessions": sessions}})
+        serve = FakeServe(HIDDEN)
+        router = middleware(serve, store)
+        keys = [f"user-{i}" for i in range(40)]
+        for _ in range(3):
+            for k in keys:
+                call(router, "/chat/x", headers=[(b"x-session-id", k.encode())])
+        got = [s["path"].split("/")[2] for s in serve.scopes]
+        want = ["chat_v2" if session_point(k) < 0.5 else "chat_v1" for k in keys]
+        assert got == want * 3  # every request of a session to its assigned version
+        assert 0 < want.count("chat_v2") < len(keys)
+        router._metrics_at = 0.0  # the window is recomputed for the next report
+        report = json.loads(router._report())["models"]["chat"]
+        assert session_counts(report) == {"v1": want.count("chat_v1"), "v2": want.count("chat_v2")}
+
+    def test_a_table_forgets_the_metrics_of_versions_that_are_gone(self) -> None:
+        store = FakeStore({"chat": {**chat_table({"v1": 0.5, "v2": 0.5}), "live": ["v1", "v2"]}})
+        router = middleware(FakeServe(HIDDEN), store)
+        for _ in range(20):
+            call(router, "/chat/x")
+        store.raw["table/chat"] = json.dumps(
+            {**chat_table({"v1": 1.0}, 4), "live": ["v1"]}
+        ).encode()
+        store.epoch_value = b"2"
+        asyncio.run(router.step())
+        assert set(router.windows["chat"].snapshot(time.time(), 30)["versions"]) == {"v1"}
+
+    def test_outside_a_serve_proxy_it_says_what_is_missing(self) -> None:
+        with pytest.raises(RuntimeError, match="RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"):
+            Router(object(), store=FakeStore({}))
 
 
 def test_guard_traffic_converts_the_merged_window_per_role():

@@ -1,10 +1,12 @@
 """Real traffic through the router on a local Ray cluster: any Serve app, unchanged.
 
-One cluster for the module. A FastAPI-ingress app written with no thought of rollout
-(examples/echo.py, copied under another name into a folder of its own, deployed from there as
-`serve run` would) is called through the router and directly, and must answer the same; it is
-then rolled v1 → v2 under streaming load with a router replica killed mid-way. The LLM example
-is rolled v1 → v2 under `rollout load` replaying the Azure code trace, sped up.
+One cluster for the module, with a second node added so that Serve runs two HTTP proxies (both
+on 127.0.0.1, sharing the HTTP port), each with rollout's router. A FastAPI-ingress app written
+with no thought of rollout (examples/echo.py, copied under another name into a folder of its
+own, deployed from there as `serve run` would) is called through the router and directly, and
+must answer the same; it is then rolled v1 → v2 under streaming load, and back with one proxy
+killed mid-way. The LLM example is rolled v1 → v2 under `rollout load` replaying the Azure code
+trace, sped up.
 """
 
 from __future__ import annotations
@@ -27,14 +29,15 @@ from typing import Any
 import pandas as pd
 import pytest
 import yaml
-from executor_fixtures import REPO, RayCluster, ray_cluster, serve_details, wait_for
+from executor_fixtures import REPO, RayCluster, extra_node, ray_cluster, serve_details, wait_for
 
 pytestmark = pytest.mark.ray
 __all__ = ["ray_cluster"]
 
 APP = "passthru"
 DIRECT = "direct-echo"  # the same app, deployed plainly at its own prefix
-SKIP_HEADERS = {"date", "x-request-id", "x-replica", "x-rollout-version"}
+# per request, or hop-by-hop (`connection: close` answers the load's one-request connections)
+SKIP_HEADERS = {"date", "x-request-id", "x-replica", "x-rollout-version", "connection"}
 
 
 @dataclass
@@ -64,11 +67,23 @@ async def call(
         return Answer(r.status, hs, b"".join(chunks), r.headers.get("x-rollout-version"), times)
 
 
-def normalized(a: Answer, prefix: str) -> tuple[int, list[tuple[str, str]], bytes]:
+def normalized(a: Answer, *prefixes: str) -> tuple[int, list[tuple[str, str]], bytes]:
     """Status, headers (order kept, per-request ones left out) and body, with the route
-    prefix written as <prefix> (the two deployments sit at different prefixes)."""
-    hs = [(k, v.replace(prefix, "<prefix>")) for k, v in a.headers if k not in SKIP_HEADERS]
-    return a.status, hs, a.body.replace(prefix.encode(), b"<prefix>")
+    prefixes written as <prefix> (the deployments sit at different prefixes; a routed
+    request reaches the version at its own)."""
+    hs = [(k, v) for k, v in a.headers if k not in SKIP_HEADERS]
+    body = a.body
+    for prefix in prefixes:
+        hs = [(k, v.replace(prefix, "<prefix>")) for k, v in hs]
+        body = body.replace(prefix.encode(), b"<prefix>")
+    return a.status, hs, body
+
+
+def routed_at(version: str = "v1") -> tuple[str, str]:
+    """The prefixes a routed answer of `version` may name: the version's own, the model's."""
+    from executor.routing import hidden_prefix
+
+    return hidden_prefix(f"{APP}_{version}"), f"/{APP}"
 
 
 CASES: list[tuple[str, str, bytes | None, dict[str, str]]] = [
@@ -81,11 +96,13 @@ CASES: list[tuple[str, str, bytes | None, dict[str, str]]] = [
     ("DELETE", "/echo", None, {"x-test": "gone"}),
     ("GET", "/cookie", None, {}),
     ("GET", "/moved", None, {}),
+    ("GET", "/hello/", None, {}),  # FastAPI's absolute redirect to /hello
     ("GET", "/sse?n=4", None, {}),
     ("GET", "/nope", None, {}),
     ("POST", "/hello", b"", {}),  # 405
     ("HEAD", "/hello", None, {}),
 ]  # fmt: skip
+SSE = next(i for i, case in enumerate(CASES) if case[1].startswith("/sse"))
 
 
 def deploy_file(c: RayCluster, version: str) -> Path:
@@ -143,6 +160,7 @@ def echo(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> I
 
 def test_answers_pass_through_unchanged(ray_cluster: RayCluster, echo: Path) -> None:
     base = f"http://127.0.0.1:{ray_cluster.port}"
+    routed_prefixes = routed_at("v1")
 
     async def both() -> list[tuple[Answer, Answer]]:
         out = []
@@ -156,19 +174,21 @@ def test_answers_pass_through_unchanged(ray_cluster: RayCluster, echo: Path) -> 
     for (method, path, _, _), (routed, direct) in zip(CASES, pairs, strict=True):
         assert routed.version == "v1", (method, path, routed.headers)
         assert direct.version is None
-        got, want = normalized(routed, f"/{APP}"), normalized(direct, f"/{DIRECT}")
+        got, want = normalized(routed, *routed_prefixes), normalized(direct, f"/{DIRECT}")
         assert got == want, (method, path)
     statuses = [routed.status for routed, _ in pairs]
-    assert statuses == [200, 418, 200, 200, 200, 200, 204, 307, 200, 404, 405, 405]
+    assert statuses == [200, 418, 200, 200, 200, 200, 204, 307, 307, 200, 404, 405, 405]
     echo_post = pairs[2][0]
     assert echo_post.body == bytes(range(256)) * 4
     assert ("x-query", "a=1&b=two") in echo_post.headers
     assert ("x-seen-header", "t1") in echo_post.headers
-    assert ("x-path", f"/{APP}/echo") in echo_post.headers
-    assert ("x-root-path", f"/{APP}") in echo_post.headers
+    hidden = routed_prefixes[0]  # the version sees itself at its own prefix
+    assert ("x-path", f"{hidden}/echo") in echo_post.headers
+    assert ("x-root-path", hidden) in echo_post.headers
     cookies = [v for k, v in pairs[6][0].headers if k == "set-cookie"]
     assert len(cookies) == 2
-    assert pairs[8][0].body.endswith(b"data: [DONE]\n\n")
+    assert ("location", f"{base}/{APP}/hello") in pairs[8][0].headers  # the public prefix
+    assert pairs[9][0].body.endswith(b"data: [DONE]\n\n")
 
 
 def test_streams_chunk_by_chunk_and_a_disconnect_cancels(
@@ -194,6 +214,22 @@ def test_streams_chunk_by_chunk_and_a_disconnect_cancels(
 
     asyncio.run(leave_early())
     wait_for(lambda: sum_cancelled(base) > before, 20, what="the version to see the cancel")
+
+
+def test_a_websocket_passes_through(ray_cluster: RayCluster, echo: Path) -> None:
+    import aiohttp
+
+    async def talk() -> tuple[str | None, list[str]]:
+        url = f"ws://127.0.0.1:{ray_cluster.port}/{APP}/ws"
+        async with aiohttp.ClientSession() as s, s.ws_connect(url) as ws:
+            version = ws._response.headers.get("x-rollout-version")
+            got = []
+            for text in ("one", "two"):
+                await ws.send_str(text)
+                got.append((await ws.receive(timeout=10)).data)
+            return version, got
+
+    assert asyncio.run(talk()) == ("v1", ["v1: one", "v1: two"])
 
 
 def sum_cancelled(base: str) -> int:
@@ -222,7 +258,8 @@ class Done:
 
 class StreamLoad:
     """`clients` concurrent loops on an event loop in a thread, each sending the CASES in turn
-    (every other request an SSE stream of 10 events 50 ms apart) until stopped."""
+    (every other request an SSE stream of 10 events 50 ms apart), each on a new connection,
+    until stopped."""
 
     def __init__(self, base: str, clients: int = 8, max_s: float = 180.0) -> None:
         self.base, self.clients, self.max_s = base, clients, max_s
@@ -235,11 +272,13 @@ class StreamLoad:
 
         i = k
         deadline = time.time() + self.max_s
-        async with aiohttp.ClientSession(auto_decompress=False) as s:
+        # a connection per request: the proxies (two in the kill test) share the load
+        conn = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=conn, auto_decompress=False) as s:
             while not self._stop.is_set() and time.time() < deadline:
-                case = 8 if i % 2 == 0 else i % len(CASES)
+                case = SSE if i % 2 == 0 else i % len(CASES)
                 method, path, body, headers = CASES[case]
-                if case == 8:
+                if case == SSE:
                     path = "/sse?n=10&delay_s=0.05"
                 started = time.time()
                 try:
@@ -271,7 +310,7 @@ def expected_answers(base: str) -> dict[int, tuple[int, list[tuple[str, str]], b
     async def run() -> dict[int, tuple[int, list[tuple[str, str]], bytes]]:
         out = {}
         for i, (method, path, body, headers) in enumerate(CASES):
-            if i == 8:
+            if i == SSE:
                 path = "/sse?n=10&delay_s=0.05"
             out[i] = normalized(await call(base + path, method, body, headers), f"/{DIRECT}")
         return out
@@ -299,27 +338,36 @@ def test_rollout_under_streaming_load_loses_nothing(ray_cluster: RayCluster, ech
     assert done.returncode == 0, done.stdout + done.stderr
     failed = [d for d in load.done if d.answer is None]
     assert not failed, f"{len(failed)} of {len(load.done)} failed: {failed[:3]}"
-    streams = [d for d in load.done if d.case == 8]
+    streams = [d for d in load.done if d.case == SSE]
     assert len(streams) > 100
     truncated = [d for d in streams if not d.answer.body.endswith(b"data: [DONE]\n\n")]  # type: ignore[union-attr]
     assert not truncated
     for d in load.done:
         assert d.answer is not None
-        assert normalized(as_v1(d.answer), f"/{APP}") == want[d.case], CASES[d.case]
+        assert normalized(as_v1(d.answer), *routed_at("v1")) == want[d.case], CASES[d.case]
     versions = [d.answer.version for d in sorted(load.done, key=lambda d: d.started)]  # type: ignore[union-attr]
     assert versions[0] == "v1" and versions[-1] == "v2" and set(versions) == {"v1", "v2"}
     tail = [d.answer.version for d in load.done if d.started > load.done[-1].started - 0.5]  # type: ignore[union-attr]
     assert set(tail) == {"v2"}
 
 
-def test_killing_a_router_replica_loses_only_its_requests_in_flight(
-    ray_cluster: RayCluster, echo: Path
+@pytest.fixture(scope="module")
+def two_proxies(ray_cluster: RayCluster) -> Iterator[None]:
+    """Two HTTP proxies, each with the router: a second node joins (executor_fixtures)."""
+    with extra_node(ray_cluster, router=True):
+        yield
+
+
+def test_killing_a_proxy_loses_only_its_requests_in_flight(
+    ray_cluster: RayCluster, echo: Path, two_proxies: None
 ) -> None:
-    """Roll back v2 → v1 under load and kill one of the two router replicas at the first
-    weight change: only requests in flight on it at that moment may fail."""
+    """Roll back v2 → v1 under load and kill one of the two proxies while both versions take
+    traffic: only requests in flight at that moment may fail; the other proxy takes the
+    remaining weights, and the proxy Serve starts in place of the dead one reads the current
+    weights before it serves."""
     import ray
 
-    from executor.router_client import read_router, router_actor_names
+    from executor.router_client import proxies, read_router, read_table, reports
 
     c = ray_cluster
     base = f"http://127.0.0.1:{c.port}"
@@ -333,33 +381,52 @@ def test_killing_a_router_replica_loses_only_its_requests_in_flight(
             [sys.executable, "-m", "rollout.cli", "deploy", str(path)],
             cwd=echo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        names = router_actor_names(APP, serve_details())
-        assert len(names) == 2  # two router replicas by default
-        wait_for(
-            lambda: set(read_router(names).snapshot.get("ongoing", {})) == {"v1", "v2"},
-            90,
-            every=0.05,
-            what="traffic on both versions",
-        )
-        victim = names[0]
-        in_flight = read_router([victim]).ongoing
+        both = proxies(serve_details())
+        assert len(both) == 2
+
+        def mid_rollout() -> bool:
+            got = reports([p.actor_id for p in both])
+            busy = [sum(r["models"].get(APP, {}).get("ongoing", {}).values()) for r in got.values()]
+            return set(read_router(APP, serve_details()).ongoing) == {"v1", "v2"} and all(busy)
+
+        wait_for(mid_rollout, 90, every=0.05, what="traffic on both versions and both proxies")
+        victim, survivor = both
         killed_at = time.time()
-        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        ray.kill(ray.get_actor(victim.actor_name, namespace="serve"), no_restart=True)
+
+        def dead() -> bool:
+            try:
+                ray.get_actor(victim.actor_name, namespace="serve")
+            except ValueError:
+                return True
+            return False
+
+        wait_for(dead, 10, every=0.01, what="the proxy to die")
+        died_at = time.time()
         out, err = rollout.communicate(timeout=180)
         time.sleep(1.0)
     assert rollout.returncode == 0, out + err
     failed = [
         d
         for d in load.done
-        if d.answer is None or (d.case == 8 and not d.answer.body.endswith(b"data: [DONE]\n\n"))
+        if d.answer is None or (d.case == SSE and not d.answer.body.endswith(b"data: [DONE]\n\n"))
     ]  # type: ignore[union-attr]
-    assert all(d.started <= killed_at <= d.ended for d in failed), failed
-    assert len(failed) <= sum(in_flight.values()) + 2, (failed, in_flight)
-    after = [d for d in load.done if d.started > killed_at]
+    assert all(d.started <= died_at and d.ended >= killed_at for d in failed), failed
+    overlapping = [d for d in load.done if d.started <= died_at and d.ended >= killed_at]
+    assert len(failed) < len(overlapping)  # the other proxy's requests went on
+    after = [d for d in load.done if d.started > died_at]
     assert len(after) > 50 and all(d not in failed for d in after)
-    wait_for(
-        lambda: len(router_actor_names(APP, serve_details())) == 2, 60, what="a new router replica"
-    )
+    table = read_table(APP)
+    assert table is not None and [r["version"] for r in table["routes"]] == ["v1"]
+    assert reports([survivor.actor_id])[survivor.actor_id]["models"][APP]["stamp"] == table["stamp"]
+
+    def replaced() -> list[str]:
+        old = (victim.actor_id, survivor.actor_id)
+        listed = proxies(serve_details())
+        return [p.actor_id for p in listed if p.status == "HEALTHY" and p.actor_id not in old]
+
+    new = wait_for(replaced, 90, what="Serve to replace the dead proxy")
+    assert reports(new)[new[0]]["models"][APP]["stamp"] == table["stamp"]
 
 
 # ---- the LLM example --------------------------------------------------------------------------
