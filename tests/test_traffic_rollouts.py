@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import select
 import shutil
 import signal
@@ -391,17 +392,21 @@ def test_killing_a_proxy_loses_only_its_requests_in_flight(
 
         wait_for(mid_rollout, 90, every=0.05, what="traffic on both versions and both proxies")
         victim, survivor = both
+        actor = ray.get_actor(victim.actor_name, namespace="serve")
+        # both nodes run on this machine: the proxy's process, whose exit ends its requests
+        # (Ray reports the actor dead before the process is gone, and it answers until then)
+        pid = ray.get(actor.__ray_call__.remote(lambda _: os.getpid()), timeout=30)
         killed_at = time.time()
-        ray.kill(ray.get_actor(victim.actor_name, namespace="serve"), no_restart=True)
+        ray.kill(actor, no_restart=True)
 
         def dead() -> bool:
             try:
-                ray.get_actor(victim.actor_name, namespace="serve")
-            except ValueError:
+                os.kill(pid, 0)
+            except ProcessLookupError:
                 return True
             return False
 
-        wait_for(dead, 10, every=0.01, what="the proxy to die")
+        wait_for(dead, 10, every=0.01, what="the proxy's process to exit")
         died_at = time.time()
         out, err = rollout.communicate(timeout=180)
         time.sleep(1.0)
