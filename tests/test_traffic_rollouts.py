@@ -106,11 +106,11 @@ CASES: list[tuple[str, str, bytes | None, dict[str, str]]] = [
 SSE = next(i for i, case in enumerate(CASES) if case[1].startswith("/sse"))
 
 
-def deploy_file(c: RayCluster, version: str) -> Path:
+def deploy_file(c: RayCluster, version: str, stabilization_s: float = 2) -> Path:
     """The echo app's deploy file: its import path resolves only from the app's own folder."""
     model = {"import_path": "hidden_echo:app", "graceful_shutdown_timeout_s": 5,
              "args": {"version": version, "chunk_delay_s": 0.02}}  # fmt: skip
-    policy = {"max_surge_percent": 50, "stabilization_time_seconds": 2}
+    policy = {"max_surge_percent": 50, "stabilization_time_seconds": stabilization_s}
     return c.deploy_file(APP, version, model=model, policy=policy)
 
 
@@ -375,7 +375,8 @@ def test_killing_a_proxy_loses_only_its_requests_in_flight(
     rollout = None
     with StreamLoad(f"{base}/{APP}") as load:
         wait_for(lambda: len(load.done) > 40, 30, what="load before the rollout")
-        path = deploy_file(c, "v1")
+        # both versions serve for a whole stabilization, long enough to see it on a busy machine
+        path = deploy_file(c, "v1", stabilization_s=15)
         env = c.env()
         env.pop("PYTHONPATH")
         rollout = subprocess.Popen(
