@@ -276,6 +276,12 @@ def decide(state: RolloutState, obs: Observation) -> Decision:
         run.guard()
         run.advance()
         run.guard_weight()
+    else:
+        # without counts nothing is safe to apply, not even the weight that failing the
+        # rollout moves sessions back to (it may be above the share of what is ready now): the
+        # state records it, and the next observed decision, which follows this failed
+        # iteration, applies it again (`reassert`) within the share it then sees
+        run.actions.clear()
     return Decision(run.state(), tuple(run.actions), tuple(run.events))
 
 

@@ -161,6 +161,29 @@ def _checker(case: Case):
 
 @given(cases())
 def test_controller_invariants(case: Case):
+    check_case(case)
+
+
+def test_failing_the_rollout_on_a_failed_observation_emits_no_weight():
+    """Hypothesis' counterexample: a resize to 55 while the candidate's first replica starts;
+    an apply fails, then the observation after it fails too, which fails the rollout. That
+    unseen decision once re-emitted the last weight (1/17) for the rollback's sessions while the
+    current version's scale-up had made the share 1/18."""
+    policy = RolloutPolicy(
+        max_surge_percent=1,
+        stabilization_time_seconds=0.0,
+        progress_deadline_seconds=86400.0,
+        max_start_failures=0,
+        max_backend_errors=0,
+    )
+    cluster = FakeCluster(
+        desired=2, seed=0, start_delay=(0.0, 1.0), drain_s=0.0, fail_prob=0.5, error_prob=0.0625
+    )
+    check_case(Case(policy, cluster, Script(desired=[(0.0, 55)])))
+
+
+def check_case(case: Case) -> None:
+    """Run one case to its end, checking the invariants after every decision and at the end."""
     cl = case.cluster
     d = run(case.policy, cl, case.script, _checker(case))
     s = d.state
