@@ -7,9 +7,11 @@ call `simulate` and `compare`, which are pure and deterministic for a seed.
 from __future__ import annotations
 
 import json
+import logging
+import multiprocessing
 import re
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -22,6 +24,8 @@ from rollout.scenario import Scenario, load_scenario
 from sim.inputs import Inputs
 from sim.model import Progress, Simulation
 from sim.result import SimResult, clean_json
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "SimResult",
@@ -69,23 +73,87 @@ def compare(
     return results
 
 
-def write_outputs(result: SimResult, out_dir: Path, title: str | None = None) -> None:
+def write_outputs(
+    result: SimResult,
+    out_dir: Path,
+    title: str | None = None,
+    plotter: PlotWorker | None = None,
+) -> None:
     """summary.json, requests.parquet, timeline.parquet, replicas.parquet, events.jsonl and
-    the plots (timeline.png, latency.png)."""
-    from sim.plots import plot_latency, plot_timeline
-
+    the plots (timeline.png, latency.png). `plotter`: draw the plots in that worker process
+    while this one writes the tables."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    plots = plotter.draw(result, out_dir, title) if plotter is not None else None
     summary = clean_json(result.summary)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out_dir / "events.jsonl").write_text(h.dump_jsonl(result.events))
+    if plots is not None:
+        _write_tables(result, out_dir)
+        if PlotWorker.done(plots):
+            return
     # pyarrow encodes Parquet without holding the GIL: the tables are written while the plots
     # draw (matplotlib stays on this thread)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        tables = pool.submit(_write_tables, result, out_dir)
-        plot_timeline(result, out_dir / "timeline.png", title=title)
-        plot_latency(result, out_dir / "latency.png", title=title)
-        tables.result()
+        tables = None if plots is not None else pool.submit(_write_tables, result, out_dir)
+        _draw_plots(result, out_dir, title)
+        if tables is not None:
+            tables.result()
+
+
+def _draw_plots(result: SimResult, out_dir: Path, title: str | None) -> None:
+    from sim.plots import plot_latency, plot_timeline
+
+    plot_timeline(result, out_dir / "timeline.png", title=title)
+    plot_latency(result, out_dir / "latency.png", title=title)
+
+
+# the request columns the plots read
+_PLOTTED = ["arrival_s", "latency_s", "ttft_s", "version", "dropped", "failed"]
+
+
+class PlotWorker:
+    """A second process that draws a run's plots. Started before the run, it imports
+    matplotlib and draws a throwaway figure (font and tick-label caches) on another core while
+    the simulation runs; afterwards it draws while the caller writes the tables. It is forked,
+    so it starts in milliseconds and gets only the plotted columns. If it fails, the caller
+    draws the plots itself: every output is still written."""
+
+    def __init__(self) -> None:
+        self._pool: ProcessPoolExecutor | None = None
+        try:
+            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"))
+            self._pool.submit(_warm_up)
+        except (OSError, ValueError) as e:  # no fork here, or no process to spare
+            log.info("plots drawn in process: %s", e)
+            self.close()
+
+    def draw(self, result: SimResult, out_dir: Path, title: str | None) -> Future[None] | None:
+        if self._pool is None:
+            return None
+        slim = SimResult(result.summary, result.requests[_PLOTTED], result.timeline, result.events)
+        return self._pool.submit(_draw_plots, slim, out_dir, title)
+
+    @staticmethod
+    def done(plots: Future[None]) -> bool:
+        """Wait for the plots; False if the worker failed (then the caller draws them)."""
+        try:
+            plots.result()
+        except Exception as e:  # a broken worker (killed, out of memory): draw here
+            log.warning("the plot worker failed (%s): drawing the plots in this process", e)
+            return False
+        return True
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+def _warm_up() -> None:
+    from sim.plots import warm_up
+
+    warm_up()
 
 
 def _write_tables(result: SimResult, out_dir: Path) -> None:
@@ -117,8 +185,12 @@ def simulate_command(
         chosen = _policy(scenario, flags[0] if flags else None, stabilization)
         scenario = scenario.with_policy(chosen)
     out_dir = Path(out) if out is not None else Path("out") / scenario.name
-    result = simulate(scenario, seed=seed, progress=True)
-    write_outputs(result, out_dir, title=_title(scenario, result))
+    plotter = PlotWorker()
+    try:
+        result = simulate(scenario, seed=seed, progress=True)
+        write_outputs(result, out_dir, title=_title(scenario, result), plotter=plotter)
+    finally:
+        plotter.close()
     _print_table([result], out_dir)
     return [result]
 
