@@ -12,8 +12,8 @@ cdef class EngineModel:
     cdef public list dt
     cdef public double dt_last
     cdef public double[:] prefill
-    cdef public object tokens  # int32 or int64 token counts
-    cdef public object kv_need
+    cdef public double[:] tokens
+    cdef public double[:] kv_need  # None: no KV-cache books
     cdef public long warm_requests
     cdef public double warm_factor
     cdef public double[:] start
@@ -32,10 +32,11 @@ cdef class Engine:
     cdef public double next_t
     cdef public double scheduled
 
-    @cython.locals(m=EngineModel, heap=list, n=Py_ssize_t, dts=list, se=double, v=double,
-                   tv=double, f=double)
+    @cython.locals(m=EngineModel, heap=list, n=Py_ssize_t, kvn="double[:]", dts=list,
+                   se=double, v=double, tv=double, f=double)
     cpdef bint admit(self, Py_ssize_t k, double t, bint head=*)
 
     @cython.locals(m=EngineModel, heap=list, dts=list, se=double, dt=double, tv=double,
-                   v=double, top=double, end="double[:]", done=list, k=Py_ssize_t)
+                   v=double, top=double, end="double[:]", kvn="double[:]", done=list,
+                   k=Py_ssize_t)
     cpdef list wake(self, double t)
