@@ -80,22 +80,22 @@ def write_outputs(
     plotter: PlotWorker | None = None,
 ) -> None:
     """summary.json, requests.parquet, timeline.parquet, replicas.parquet, events.jsonl and
-    the plots (timeline.png, latency.png). `plotter`: draw the plots in that worker process
+    the plots (timeline.png, latency.png). `plotter`: draw the plots in its worker processes
     while this one writes the tables."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots = plotter.draw(result, out_dir, title) if plotter is not None else None
+    plots = plotter.draw(result, out_dir, title) if plotter is not None else []
     summary = clean_json(result.summary)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out_dir / "events.jsonl").write_text(h.dump_jsonl(result.events))
-    if plots is not None:
+    if plots:
         _write_tables(result, out_dir)
         if PlotWorker.done(plots):
             return
     # pyarrow encodes Parquet without holding the GIL: the tables are written while the plots
     # draw (matplotlib stays on this thread)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        tables = None if plots is not None else pool.submit(_write_tables, result, out_dir)
+        tables = None if plots else pool.submit(_write_tables, result, out_dir)
         _draw_plots(result, out_dir, title)
         if tables is not None:
             tables.result()
@@ -108,46 +108,60 @@ def _draw_plots(result: SimResult, out_dir: Path, title: str | None) -> None:
     plot_latency(result, out_dir / "latency.png", title=title)
 
 
-# the request columns the plots read
-_PLOTTED = ["arrival_s", "latency_s", "ttft_s", "version", "dropped", "failed"]
-
-
 class PlotWorker:
-    """A second process that draws a run's plots. Started before the run, it imports
+    """Two processes that draw a run's two plots. Started before the run, each imports
     matplotlib and draws a throwaway figure (font and tick-label caches) on another core while
-    the simulation runs; afterwards it draws while the caller writes the tables. It is forked,
-    so it starts in milliseconds and gets only the plotted columns. If it fails, the caller
-    draws the plots itself: every output is still written."""
+    the simulation runs; afterwards they draw while the caller writes the tables. They are
+    forked, so they start in milliseconds and get only the plotted columns. If one fails, the
+    caller draws the plots itself: every output is still written."""
+
+    # what each process draws, and the request columns it reads
+    PLOTS = (
+        ("plot_timeline", "timeline.png", ["arrival_s", "latency_s", "ttft_s", "version",
+                                           "dropped", "failed"]),
+        ("plot_latency", "latency.png", ["arrival_s", "latency_s", "version"]),
+    )  # fmt: skip
 
     def __init__(self) -> None:
-        self._pool: ProcessPoolExecutor | None = None
+        self._pools: list[ProcessPoolExecutor] = []
         try:
-            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"))
-            self._pool.submit(_warm_up)
+            for _ in self.PLOTS:
+                pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"))
+                self._pools.append(pool)
+                pool.submit(_warm_up)
         except (OSError, ValueError) as e:  # no fork here, or no process to spare
             log.info("plots drawn in process: %s", e)
             self.close()
 
-    def draw(self, result: SimResult, out_dir: Path, title: str | None) -> Future[None] | None:
-        if self._pool is None:
-            return None
-        slim = SimResult(result.summary, result.requests[_PLOTTED], result.timeline, result.events)
-        return self._pool.submit(_draw_plots, slim, out_dir, title)
+    def draw(self, result: SimResult, out_dir: Path, title: str | None) -> list[Future[None]]:
+        futures = []
+        for pool, (plot, name, columns) in zip(self._pools, self.PLOTS, strict=False):
+            slim = SimResult(result.summary, result.requests[columns], result.timeline,
+                             result.events)  # fmt: skip
+            futures.append(pool.submit(_draw_one, plot, slim, out_dir / name, title))
+        return futures
 
     @staticmethod
-    def done(plots: Future[None]) -> bool:
-        """Wait for the plots; False if the worker failed (then the caller draws them)."""
+    def done(plots: list[Future[None]]) -> bool:
+        """Wait for the plots; False if a worker failed (then the caller draws them)."""
         try:
-            plots.result()
+            for f in plots:
+                f.result()
         except Exception as e:  # a broken worker (killed, out of memory): draw here
-            log.warning("the plot worker failed (%s): drawing the plots in this process", e)
+            log.warning("a plot worker failed (%s): drawing the plots in this process", e)
             return False
-        return True
+        return bool(plots)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        for pool in self._pools:
+            pool.shutdown(wait=False, cancel_futures=True)
+        self._pools = []
+
+
+def _draw_one(plot: str, result: SimResult, path: Path, title: str | None) -> None:
+    from sim import plots
+
+    getattr(plots, plot)(result, path, title=title)
 
 
 def _warm_up() -> None:
