@@ -133,8 +133,14 @@ class PlotWorker:
             log.info("plots drawn in process: %s", e)
             self.close()
 
+    # above this many requests the copies sent to the workers (tens of bytes a request, held
+    # while pickled) cost more memory than the time they save is worth: draw in process
+    MAX_REQUESTS = 2_000_000
+
     def draw(self, result: SimResult, out_dir: Path, title: str | None) -> list[Future[None]]:
-        futures = []
+        futures: list[Future[None]] = []
+        if len(result.requests) > self.MAX_REQUESTS:
+            return futures
         for pool, (plot, name, columns) in zip(self._pools, self.PLOTS, strict=False):
             slim = SimResult(result.summary, result.requests[columns], result.timeline,
                              result.events)  # fmt: skip
