@@ -3,16 +3,26 @@ parameters fitted from real runs (folders `rollout export` wrote, with their req
 
 What is fitted, from what a client and the controller see:
 
-- **Prefill** (`prefill_s_per_1k_tokens`): time to first token against prompt length, a line
-  fitted over the requests that ran at the lowest load (the lowest quarter of batch sizes): the
-  slope is prefill time per token; the intercept is the overhead below.
+The model fitted is the simulator's engine with admission at iteration boundaries (vLLM's, and
+the LLM example's): an iteration at batch size k lasts `decode_s_per_token(k)` plus the prefills
+of the sequences it admits, and the iteration that prefills a request yields its first token.
+
+- **Prefill** (`prefill_s_per_1k_tokens`): time to first token against prompt length over the
+  requests that found a replica idle (fewer requests in flight on their version at their arrival
+  than ready replicas; the lowest quarter of batch sizes where fewer than 10 did). On an idle
+  replica TTFT is `overhead + prefill + decode_s_per_token(1)`: the line's slope is prefill time
+  per token, its intercept the overhead plus one iteration at batch 1. The line is robust
+  (Theil–Sen): a new replica's slow first iterations (warm-up) do not tilt it.
 - **Decode** (`decode_s_per_token`): time per output token, `(latency − TTFT) / (tokens − 1)`,
   against the batch it ran in. The batch is estimated per request as the requests in flight on
   its version at the middle of its decode divided by that version's ready replicas then (the
-  router spreads them evenly). The table holds the median at each batch size seen (rounded);
-  its quality is a line's fit through the per-request points. A batch size needs 10 requests;
-  the medians are made non-decreasing (pool adjacent violators), as iterations never get faster
-  with more sequences.
+  router spreads them evenly). A request's decode iterations also prefill the requests admitted
+  meanwhile, and the simulator adds those prefills itself: so their share (the prompt tokens of
+  the version's requests whose first token came during its decode, over the ready replicas, at
+  the fitted prefill rate) is taken out of its time per token first, or prefill would count
+  twice. The table holds the median at each batch size seen (rounded); its quality is a line's
+  fit through the per-request points. A batch size needs 10 requests; the medians are made
+  non-decreasing (pool adjacent violators), as iterations never get faster with more sequences.
 - **max_num_seqs**, when visible: past the engine's limit extra requests wait instead of
   joining the batch, so time per token stops growing with load. A hinge
   `a + b·min(batch, K)` that fits clearly better than the line (a fifth less squared error) at
@@ -23,8 +33,8 @@ What is fitted, from what a client and the controller see:
   its controller creating the actor, Ray placing it, and the constructor (image, weights,
   warm-up). Placement → running alone misses seconds (see docs/fidelity.md); replicas without
   a recorded scale-up (`asked_s`) count from their placement.
-- **Overhead** (`service.overhead_s`): the TTFT line's intercept, what every request pays
-  outside the engine (HTTP proxy, router, network, the prefill iteration's fixed part).
+- **Overhead** (`service.overhead_s`): the TTFT line's intercept less one iteration at batch 1,
+  what every request pays outside the engine (HTTP proxy, router, network).
 - **Health-check period**: how late readiness is noticed after Serve reports the replica
   running. The simulator notices readiness at the first health check after the cold start, on
   average half a period late, so the period is twice the mean running → ready delay (at least
@@ -48,6 +58,7 @@ import yaml
 from measure.runs import read_result
 from rollout.errors import InputError
 from rollout.scenario import ColdStartSpec, EngineSpec, HealthCheckSpec
+from sim.engine import decode_times
 from sim.result import SimResult
 
 MIN_REQUESTS = 30  # answered requests with two tokens or more
@@ -88,7 +99,7 @@ class Fit:
 @dataclass(frozen=True)
 class Calibration:
     prefill_s_per_1k_tokens: float
-    overhead_s: float  # TTFT's intercept: the stack's time per request outside the engine
+    overhead_s: float  # the stack's time per request outside the engine
     decode_s_per_token: dict[int, float]
     max_num_seqs: int | None
     cold_starts_s: np.ndarray
@@ -101,6 +112,7 @@ class Calibration:
             "prefill_s_per_1k_tokens": round(self.prefill_s_per_1k_tokens, 6),
             "decode_s_per_token": {k: round(v, 6) for k, v in self.decode_s_per_token.items()},
             "max_num_seqs": self.max_num_seqs,
+            "admission": "iteration",  # the model the fit assumes
         }
         return {
             "service": {
@@ -113,28 +125,55 @@ class Calibration:
         }
 
 
-def batch_sizes(requests: pd.DataFrame, timeline: pd.DataFrame) -> np.ndarray:
-    """Each answered request's batch: requests in flight on its version at the middle of its
-    decode, over that version's ready replicas then (NaN where none was ready)."""
-    first = (requests["start_s"] + requests["ttft_s"]).to_numpy(dtype=float)
+def load_at(requests: pd.DataFrame, timeline: pd.DataFrame) -> pd.DataFrame:
+    """Per answered request, what the replicas held while it ran (estimated from the client's
+    records and the version's ready replicas, the router spreading requests evenly):
+
+    - `batch`: requests in flight on its version at the middle of its decode, per ready replica
+      (NaN where none was ready);
+    - `idle`: it found fewer requests in flight on its version than ready replicas at its arrival
+      (a replica was idle);
+    - `others_tokens`: prompt tokens of the version's requests whose first token came during its
+      decode, per ready replica (prefilled in its decode iterations).
+    """
+    start = requests["start_s"].to_numpy(dtype=float)
+    first = start + requests["ttft_s"].to_numpy(dtype=float)
     end = requests["end_s"].to_numpy(dtype=float)
+    ctx = requests["context_tokens"].to_numpy(dtype=float)
     mid = (first + end) / 2.0
     version = requests["version"].astype(str).to_numpy()
-    out = np.full(len(requests), np.nan)
+    batch = np.full(len(requests), np.nan)
+    idle = np.zeros(len(requests), dtype=bool)
+    others = np.zeros(len(requests))
     t = timeline["t_s"].to_numpy(dtype=float)
     for name in ("current", "candidate"):
         mine = version == name
         if not mine.any():
             continue
-        starts = np.sort(requests["start_s"].to_numpy(dtype=float)[mine])
+        starts = np.sort(start[mine])
         ends = np.sort(end[mine][np.isfinite(end[mine])])
+        ready = timeline[f"{name}_ready"].to_numpy(dtype=float)
+
+        def ready_at(at: np.ndarray, ready: np.ndarray = ready) -> np.ndarray:
+            return ready[np.clip(np.searchsorted(t, at, side="right") - 1, 0, len(t) - 1)]
+
         at = mid[mine]
         inflight = np.searchsorted(starts, at, side="right") - np.searchsorted(ends, at)
-        row = np.clip(np.searchsorted(t, at, side="right") - 1, 0, len(t) - 1)
-        ready = timeline[f"{name}_ready"].to_numpy(dtype=float)[row]
+        busy = np.searchsorted(starts, start[mine], side="left") - np.searchsorted(
+            ends, start[mine], side="right"
+        )
+        order = np.argsort(first[mine])
+        firsts = first[mine][order]
+        tokens = np.concatenate([[0.0], np.cumsum(ctx[mine][order])])
+        window = tokens[np.searchsorted(firsts, end[mine], side="right")] - tokens[
+            np.searchsorted(firsts, first[mine], side="right")
+        ]  # fmt: skip
+        rep, rep0 = ready_at(at), ready_at(start[mine])
         with np.errstate(divide="ignore", invalid="ignore"):
-            out[mine] = np.where(ready > 0, inflight / ready, np.nan)
-    return out
+            batch[mine] = np.where(rep > 0, inflight / rep, np.nan)
+            others[mine] = np.where(rep > 0, window / rep, 0.0)
+        idle[mine] = busy < rep0
+    return pd.DataFrame({"batch": batch, "idle": idle, "others_tokens": others})
 
 
 def read_runs(runs: list[Path]) -> tuple[list[SimResult], list[pd.DataFrame]]:
@@ -148,9 +187,8 @@ def fit(results: list[SimResult], reps: list[pd.DataFrame]) -> Calibration:
     for result in results:
         req = result.requests
         if len(req) and "context_tokens" in req:
-            answered = req[req["latency_s"].notna() & req["ttft_s"].notna()].copy()
-            answered["batch"] = batch_sizes(answered, result.timeline)
-            frames.append(answered)
+            answered = req[req["latency_s"].notna() & req["ttft_s"].notna()].reset_index(drop=True)
+            frames.append(pd.concat([answered, load_at(answered, result.timeline)], axis=1))
     req = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if not len(req):
         raise InputError("calibrate: the runs have no answered requests (export with --requests)")
@@ -161,8 +199,23 @@ def fit(results: list[SimResult], reps: list[pd.DataFrame]) -> Calibration:
             f"{MIN_REQUESTS} are needed to fit"
         )
     fits: list[Fit] = []
-    tpot = ((req["latency_s"] - req["ttft_s"]) / (req["generated_tokens"] - 1)).to_numpy()
     batch = req["batch"].to_numpy(dtype=float)
+    # prefill: TTFT against prompt length where a replica was idle (overhead + prefill + one
+    # iteration at batch 1)
+    low = req["idle"].to_numpy(dtype=bool)
+    if low.sum() < MIN_PER_BATCH:
+        low = batch <= np.percentile(batch, 25)
+    ctx = req["context_tokens"].to_numpy(dtype=float)[low]
+    ttft = req["ttft_s"].to_numpy(dtype=float)[low]
+    if len(np.unique(ctx)) < 2:
+        raise InputError("calibrate: every request had the same prompt length; prefill needs two")
+    per_token, icept = theil_sen(ctx, ttft)
+    per_token = max(0.0, per_token)
+    fits.append(Fit.of("TTFT on an idle replica", ttft, icept + per_token * ctx))
+    # decode: time per token less the prefills its iterations did for others
+    tokens = req["generated_tokens"].to_numpy(dtype=float)
+    tpot = (req["latency_s"] - req["ttft_s"]).to_numpy() / (tokens - 1)
+    tpot = tpot - per_token * req["others_tokens"].to_numpy(dtype=float) / (tokens - 1)
     rounded = np.maximum(1, np.round(batch)).astype(int)
     sizes = [int(k) for k in np.unique(rounded) if (rounded == k).sum() >= MIN_PER_BATCH]
     if len(sizes) < 2:
@@ -173,28 +226,35 @@ def fit(results: list[SimResult], reps: list[pd.DataFrame]) -> Calibration:
     medians = [float(np.median(tpot[rounded == k])) for k in sizes]
     weights = [int((rounded == k).sum()) for k in sizes]
     table = dict(zip(sizes, _non_decreasing(medians, weights), strict=True))
-    slope, icept = np.polyfit(batch, tpot, 1)
-    line = icept + slope * batch
+    slope, line_icept = np.polyfit(batch, tpot, 1)
+    line = line_icept + slope * batch
     fits.append(Fit.of("time per output token (line)", tpot, line))
     max_num_seqs = _hinge(batch, tpot, float(((tpot - line) ** 2).sum()), fits)
-    # prefill at the lowest load: TTFT against prompt length
-    low = batch <= np.percentile(batch, 25)
-    ctx = req["context_tokens"].to_numpy(dtype=float)[low]
-    ttft = req["ttft_s"].to_numpy(dtype=float)[low]
-    if len(np.unique(ctx)) < 2:
-        raise InputError("calibrate: every request had the same prompt length; prefill needs two")
-    per_token, overhead = np.polyfit(ctx, ttft, 1)
-    fits.insert(0, Fit.of("TTFT at low load (prefill)", ttft, overhead + per_token * ctx))
     cold, period = _starts(reps, fits)
     return Calibration(
-        prefill_s_per_1k_tokens=max(0.0, float(per_token) * 1000.0),
-        overhead_s=float(overhead),
+        prefill_s_per_1k_tokens=per_token * 1000.0,
+        overhead_s=float(icept) - decode_times(table, 1)[1],
         decode_s_per_token=table,
         max_num_seqs=max_num_seqs,
         cold_starts_s=cold,
         health_check_period_s=period,
         fits=fits,
     )
+
+
+def theil_sen(x: np.ndarray, y: np.ndarray, most: int = 2000) -> tuple[float, float]:
+    """A robust line (slope, intercept): the median of the slopes between pairs of points, the
+    median intercept under it. A new replica's first iterations run slower (warm-up) and a few
+    requests meet a busy replica after all: outliers that tilt a least-squares line. Over `most`
+    points it uses an evenly spaced sample of them (the pairs grow as the square)."""
+    if len(x) > most:
+        pick = np.linspace(0, len(x) - 1, most).astype(int)
+        x, y = x[pick], y[pick]
+    i, j = np.triu_indices(len(x), 1)
+    dx = x[j] - x[i]
+    apart = dx != 0
+    slope = float(np.median((y[j] - y[i])[apart] / dx[apart]))
+    return slope, float(np.median(y - slope * x))
 
 
 def _non_decreasing(values: list[float], weights: list[int]) -> list[float]:

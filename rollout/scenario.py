@@ -123,6 +123,10 @@ class _EngineFields(_Strict):
     decode_s_per_token: dict[int, float] | None = None
     kv_cache_tokens: int | None = Field(None, ge=1)  # None: no KV-cache limit
     warmup: Warmup = Warmup()
+    # how a request joins the batch: at the next iteration boundary, prefilled in an iteration
+    # that also decodes the batch (vLLM; sim/engine.py IterationEngine), or at once, its
+    # prefill stalling decoding (the queueing oracles' idealisation)
+    admission: Literal["iteration", "immediate"] = "iteration"
 
     @model_validator(mode="after")
     def _table(self) -> _EngineFields:

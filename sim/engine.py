@@ -7,8 +7,19 @@ v₀ needing n tokens finishes when v reaches v₀ + n. Finishing order is by th
 and the real time of the next finish is `(target − v) · decode_s_per_token(k)`, recomputed
 whenever k changes. One event costs O(log k); iterations are never simulated one by one.
 
-A request's prefill stalls the whole replica's decoding for its duration (prefills run one after
-another, in admission order); its first token is out when its prefill ends. Up to
+How a request joins the batch is the profile's `admission`:
+
+- `iteration` (vLLM's scheduling, and the LLM example's: `IterationEngine`): a request that finds
+  the engine busy waits for the end of the current iteration (the virtual clock's next whole
+  number); the iteration that starts then prefills it, and every sequence admitted with it,
+  *and* decodes the running batch, so it lasts their prefills plus one decode iteration at the
+  new batch size, and yields their first tokens (the first of their n tokens). An idle engine
+  starts an iteration at once.
+- `immediate` (the queueing oracles' idealisation: `Engine`): a request's prefill starts on
+  admission and stalls the replica's decoding for its duration (prefills run one after another,
+  in admission order); its first token is out when its prefill ends.
+
+Up to
 `max_num_seqs` requests run at once (prefilling or decoding); with `kv_cache_tokens`, admission
 also waits until the running requests' context plus generated tokens leave room for the next
 one's (reserved whole at admission, so there is no preemption). Requests that cannot start
@@ -23,6 +34,7 @@ import math
 from collections import deque
 from dataclasses import dataclass
 from heapq import heappop, heappush
+from math import floor
 
 import numpy as np
 
@@ -71,6 +83,7 @@ class EngineModel:
     kv_need: memoryview | None  # context + generated tokens per request
     warm_requests: int
     warm_factor: float
+    iterations: bool  # admission at iteration boundaries (IterationEngine), else immediate
     start: memoryview
     first: memoryview
     end: memoryview
@@ -105,6 +118,7 @@ class EngineModel:
             kv_need=kv_need if spec.kv_cache_tokens is not None else None,
             warm_requests=spec.warmup.requests,
             warm_factor=spec.warmup.factor,
+            iterations=spec.admission == "iteration",
             start=results[0],
             first=results[1],
             end=results[2],
@@ -112,10 +126,11 @@ class EngineModel:
 
 
 class Engine:
-    """One replica's engine. The router calls `admit` for each request it routes here and
-    `wake` at `next_t`, the time of the engine's next finish (kept up to date by both);
-    `wake` returns the requests that finished. `scheduled` is the time of the router's valid
-    heap entry for this engine (an entry at another time is stale).
+    """One replica's engine, admitting immediately (`admission: immediate`). The router calls
+    `admit` for each request it routes here and `wake` at `next_t`, the time of the engine's
+    next finish (kept up to date by both); `wake` returns the requests that finished.
+    `scheduled` is the time of the router's valid heap entry for this engine (an entry at
+    another time is stale).
 
     Prefills need no events of their own: while the replica prefills, the virtual clock stands
     still, so a request can join the batch's heap at admission with its target `v + n` and a
@@ -244,3 +259,152 @@ class Engine:
         self.kv = 0.0
         self.next_t = self.scheduled = INF
         return lost
+
+
+class IterationEngine(Engine):
+    """An engine that admits at iteration boundaries, as vLLM's scheduler (and the LLM
+    example's engine loop) does: exact for that loop, with no events of its own.
+
+    While the engine is busy, its iterations end where the virtual clock `v` crosses a whole
+    number. A request routed to a busy engine joins the *pending* boundary `pb`, the end of the
+    current iteration, reached at real time `tb` (fixed: the current iteration's batch and
+    stall do not change once it runs). The sequences joining there (`pending`, with their
+    prefills' seconds summed in `ps`) are in the heap with targets `pb + n` but do not decode
+    before it. When an event finds `tb` passed, the boundary is *promoted*: the iteration that
+    started at `tb` stalls for `ps` (the prefills) and then decodes one token at the new batch
+    size, so the joiners' first token is at `tb + ps + decode_s_per_token(batch)`, written
+    then for all of them (each request is promoted once: O(1) a request). An idle engine opens
+    its boundary at once (`pb = 0`, `tb = now`); a finish at a boundary opens one there for the
+    replica's queue. A request arriving at the very instant a boundary is crossed joins the
+    next one, as the engine loop schedules the next batch straight after a step returns.
+    """
+
+    __slots__ = ("pb", "pending", "ps", "tb")
+
+    def __init__(self, model: EngineModel) -> None:
+        super().__init__(model)
+        self.pending: list[int] = []  # joining at the pending boundary
+        self.pb = 0.0  # the pending boundary on the virtual clock (a whole number)
+        self.tb = -INF  # its real time
+        self.ps = 0.0  # the prefill seconds of the iteration that starts there
+
+    def _advance(self, t: float) -> None:
+        """Bring v up to time t: promote a boundary passed, then decode up to t."""
+        heap = self.heap
+        pend = self.pending
+        dts = self.m.dt
+        if pend and t > self.tb:
+            tb = self.tb
+            self.v = self.pb
+            se = tb + self.ps
+            self.stall_end = se
+            first = se + dts[len(heap)]  # the iteration's end: its joiners' first token
+            out = self.m.first
+            for k in pend:
+                out[k] = first
+            pend.clear()
+            self.ps = 0.0
+            self.tv = tb
+        n = len(heap) - len(pend)  # decoding now
+        if n:
+            s = self.tv if self.tv > self.stall_end else self.stall_end
+            if t > s:
+                self.v += (t - s) / dts[n]
+        self.tv = t
+
+    def _next(self) -> float:
+        """The time of the next finish (the engine brought up to date)."""
+        heap = self.heap
+        top = heap[0][0]
+        pend = self.pending
+        dts = self.m.dt
+        if pend:
+            if top > self.pb + _DUE:
+                return self.tb + self.ps + (top - self.pb) * dts[len(heap)]
+            if top >= self.pb - _DUE:
+                return self.tb
+        s = self.tv if self.tv > self.stall_end else self.stall_end
+        return s + (top - self.v) * dts[len(heap) - len(pend)]
+
+    def admit(self, k: int, t: float, head: bool = False) -> bool:
+        """Request k is routed here at t: it joins the pending boundary (True), or waits in the
+        replica's FIFO queue (as `Engine.admit`)."""
+        m = self.m
+        heap = self.heap
+        n = len(heap)
+        kvn = m.kv_need
+        if (
+            (self.queue and not head)
+            or n >= m.max_seqs
+            or (kvn is not None and n and self.kv + kvn[k] > m.kv_capacity)
+        ):
+            if not head:
+                self.queue.append(k)
+            return False
+        dts = m.dt
+        if n + 1 >= len(dts):
+            dts.extend([m.dt_last] * len(dts))  # no batch limit: a larger batch than ever
+        pend = self.pending
+        if not n:  # idle: an iteration starts now
+            self.v = self.pb = 0.0
+            self.tb = self.tv = t
+            self.stall_end = -INF
+        else:
+            self._advance(t)
+            if not pend and t > self.tb:  # none open (`wake` opens one at a finish): the
+                # current iteration's end
+                v = self.v
+                pb = floor(v + _DUE) + 1.0
+                s = self.tv if self.tv > self.stall_end else self.stall_end
+                self.pb = pb
+                self.tb = s + (pb - v) * dts[n]
+        f = 1.0
+        if self.warm_left:
+            self.warm_left -= 1
+            f = m.warm_factor
+        self.ps += m.prefill[k] * f
+        pend.append(k)
+        m.start[k] = t
+        if kvn is not None:
+            self.kv += kvn[k]
+        heappush(heap, (self.pb + m.tokens[k] * f, k))
+        self.next_t = self._next()
+        return True
+
+    def wake(self, t: float) -> list[int]:
+        """Bring the engine to time t (its scheduled event); returns the requests finished."""
+        heap = self.heap
+        if not heap:
+            return []
+        self._advance(t)
+        v = self.v
+        top = heap[0][0]
+        if top - v > _DUE:  # not due: an early wake-up
+            self.next_t = self._next()
+            return []
+        if v < top:
+            v = top
+        m = self.m
+        end = m.end
+        kvn = m.kv_need
+        done: list[int] = []
+        while heap and heap[0][0] - v <= _DUE:
+            k = heappop(heap)[1]
+            end[k] = t
+            done.append(k)
+            if kvn is not None:
+                self.kv -= kvn[k]
+        self.v = v
+        queue = self.queue
+        if queue and heap and not self.pending:  # a boundary now: the queue's head joins it
+            self.pb = v
+            self.tb = t
+        while queue and self.admit(queue[0], t, head=True):
+            queue.popleft()
+        self.next_t = self._next() if heap else INF
+        return done
+
+    def kill(self) -> list[int]:
+        self.pending.clear()
+        self.ps = 0.0
+        return super().kill()

@@ -39,7 +39,7 @@ from collections.abc import Callable
 import numpy as np
 
 from rollout.guard import Traffic
-from sim.engine import Engine, EngineModel
+from sim.engine import Engine, EngineModel, IterationEngine
 from sim.replica import Replica
 from sim.service import EngineWork, ServiceTimes, Work
 
@@ -134,7 +134,9 @@ class Router:
     def engine_for(self, version: int) -> Engine | None:
         """A new replica's engine, or None for a fixed-time service kind."""
         model = self.models[version]
-        return Engine(model) if isinstance(model, EngineModel) else None
+        if not isinstance(model, EngineModel):
+            return None
+        return IterationEngine(model) if model.iterations else Engine(model)
 
     # ---- what the control plane reads ----------------------------------------------------
 

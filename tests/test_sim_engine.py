@@ -1,6 +1,8 @@
 """The engine service kind: hand-computed timings (prefill stalls, a decode rate that follows
 the batch, queues in the replica and at the router, KV cache, warm-up) and queueing oracles
-(processor sharing, constant time, M/D/c)."""
+(processor sharing, constant time, M/D/c) with immediate admission; admission at iteration
+boundaries (vLLM's) by hand and against an iteration-by-iteration replay of the LLM example's
+scheduling loop."""
 
 from __future__ import annotations
 
@@ -19,8 +21,13 @@ from sim.engine import decode_times
 ROOT = Path(__file__).parent.parent
 
 
-def engine(**fields: Any) -> dict[str, Any]:
-    return {"kind": "engine", "engine": {"prefill_s_per_1k_tokens": 0.0, **fields}}
+def engine(admission: str = "immediate", **fields: Any) -> dict[str, Any]:
+    """The engine service; these tests name their admission (the oracles hold for the
+    idealised `immediate` one only)."""
+    return {
+        "kind": "engine",
+        "engine": {"prefill_s_per_1k_tokens": 0.0, "admission": admission, **fields},
+    }
 
 
 def one_replica(max_ongoing: int = 1000, timeout: float = 60.0) -> dict[str, Any]:
@@ -222,3 +229,131 @@ def test_the_bundled_profile_loads_and_serves():
     spec = s.service.engine
     assert spec.profile is None  # read in: the scenario travels without the file
     assert spec.decode_s_per_token == {1: 0.00648, 4: 0.00659, 16: 0.01094, 64: 0.04691}
+
+
+# ---- admission at iteration boundaries ---------------------------------------------------------
+
+
+def test_a_request_on_a_busy_engine_waits_for_the_iteration_boundary(tmp_path):
+    """A: prompt 1000 (0.1 s), 10 tokens at 0, alone: its first iteration (prefill + decode)
+    ends at 0.11, then one token each 0.01 s. B: prompt 500 (0.05 s), 5 tokens at 0.155, in
+    A's 6th iteration: it joins at its end (0.16); that iteration prefills B and decodes both,
+    0.05 + 0.02 s: B's first token at 0.23. A's 3 last tokens at 0.02 s: A ends at 0.29; B's
+    last token alone at 0.30."""
+    s = from_arrivals(
+        tmp_path,
+        [(0.0, 1000, 10), (0.155, 500, 5)],
+        service=engine(
+            "iteration", prefill_s_per_1k_tokens=0.1, decode_s_per_token={1: 0.01, 2: 0.02}
+        ),
+        fleet=one_replica(),
+    )
+    req = simulate(s).requests
+    a, b = req.iloc[0], req.iloc[1]
+    assert a["ttft_s"] == pytest.approx(0.11)
+    assert b["ttft_s"] == pytest.approx(0.23 - 0.155)
+    assert a["latency_s"] == pytest.approx(0.29)
+    assert b["latency_s"] == pytest.approx(0.30 - 0.155)
+
+
+def test_requests_arriving_together_share_one_prefill_iteration(tmp_path):
+    """Two requests at 0 on an idle engine: one iteration prefills both (0.1 + 0.05 s) and
+    decodes both (0.02 s): both first tokens at 0.17."""
+    s = from_arrivals(
+        tmp_path,
+        [(0.0, 1000, 3), (0.0, 500, 3)],
+        service=engine(
+            "iteration", prefill_s_per_1k_tokens=0.1, decode_s_per_token={1: 0.01, 2: 0.02}
+        ),
+        fleet=one_replica(),
+    )
+    req = simulate(s).requests
+    assert list(req["ttft_s"]) == pytest.approx([0.17, 0.17])
+    assert list(req["latency_s"]) == pytest.approx([0.21, 0.21])
+
+
+def test_a_queued_request_joins_at_the_boundary_where_a_slot_frees(tmp_path):
+    """max_num_seqs 1: B (prompt 1000, 5 tokens) waits in the replica while A (10 tokens,
+    no prompt) runs to 0.1; the iteration starting then prefills B: first token at 0.21."""
+    s = from_arrivals(
+        tmp_path,
+        [(0.0, 0, 10), (0.033, 1000, 5)],
+        service=engine(
+            "iteration",
+            max_num_seqs=1,
+            prefill_s_per_1k_tokens=0.1,
+            decode_s_per_token={1: 0.01},
+        ),
+        fleet=one_replica(),
+    )
+    b = simulate(s).requests.iloc[1]
+    assert b["start_s"] == pytest.approx(0.1)
+    assert b["ttft_s"] == pytest.approx(0.21 - 0.033)
+    assert b["latency_s"] == pytest.approx(0.25 - 0.033)
+
+
+def replay_iterations(
+    rows: list[tuple[float, int, int]], base: float, per_seq: float, pps: float, seqs: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The LLM example's engine loop (examples/llm/engine.py) with the profile backend's
+    iteration time, one iteration at a time: each iteration admits waiting requests (FIFO, up to
+    `seqs` sequences), lasts base + per_seq·(batch − 1) + pps·prefill tokens, and gives every
+    sequence in it one token. First-token and end times per request."""
+    first = np.full(len(rows), np.nan)
+    end = np.full(len(rows), np.nan)
+    got = [0] * len(rows)
+    running: list[int] = []
+    i, t = 0, 0.0
+    waiting: list[int] = []
+    while i < len(rows) or waiting or running:
+        if not running and not waiting:
+            t = max(t, rows[i][0])
+        while i < len(rows) and rows[i][0] <= t:
+            waiting.append(i)
+            i += 1
+        prefill = waiting[: max(0, seqs - len(running))]
+        waiting = waiting[len(prefill) :]
+        batch = running + prefill
+        t += base + per_seq * (len(batch) - 1) + pps * sum(rows[k][1] for k in prefill)
+        for k in prefill:
+            first[k] = t
+        running = []
+        for k in batch:
+            got[k] += 1
+            if got[k] == rows[k][2]:
+                end[k] = t
+            else:
+                running.append(k)
+    return first, end
+
+
+@pytest.mark.parametrize("seqs", [4, 64])
+def test_iteration_admission_matches_the_engine_loop_exactly(tmp_path, seqs):
+    """400 Poisson requests at 70 % or more of one replica's capacity, prompts and lengths
+    varied: every first token and end equals the iteration-by-iteration replay's."""
+    rng = np.random.default_rng(seqs)
+    at = np.cumsum(rng.exponential(0.25, 400))
+    rows = [
+        (round(float(a), 6), int(c), int(g))
+        for a, c, g in zip(
+            at, rng.choice([128, 512, 2048], 400), rng.integers(1, 40, 400), strict=True
+        )
+    ]
+    base, per_seq, pps = 0.02, 0.0003, 0.00003
+    s = from_arrivals(
+        tmp_path,
+        rows,
+        service=engine(
+            "iteration",
+            max_num_seqs=seqs,
+            prefill_s_per_1k_tokens=pps * 1000,
+            decode_s_per_token={1: base, 1001: base + 1000 * per_seq},
+        ),
+        fleet=one_replica(timeout=1e6),
+    )
+    req = simulate(s).requests
+    first, end = replay_iterations(rows, base, per_seq, pps, seqs)
+    arrival = np.array([r[0] for r in rows])
+    assert req["ttft_s"].to_numpy() == pytest.approx(first - arrival, abs=1e-9)
+    assert req["latency_s"].to_numpy() == pytest.approx(end - arrival, abs=1e-9)
+    assert req["ttft_s"].min() >= pps * 128 + base - 1e-12  # at least a prefill iteration
