@@ -16,6 +16,7 @@ cdef class EngineModel:
     cdef public double[:] kv_need  # None: no KV-cache books
     cdef public long warm_requests
     cdef public double warm_factor
+    cdef public bint iterations
     cdef public double[:] start
     cdef public double[:] first
     cdef public double[:] end
@@ -39,4 +40,25 @@ cdef class Engine:
     @cython.locals(m=EngineModel, heap=list, dts=list, se=double, dt=double, tv=double,
                    v=double, top=double, end="double[:]", kvn="double[:]", done=list,
                    k=Py_ssize_t)
+    cpdef list wake(self, double t)
+
+cdef class IterationEngine(Engine):
+    cdef public list pending
+    cdef public double pb
+    cdef public double tb
+    cdef public double ps
+
+    @cython.locals(heap=list, pend=list, dts=list, tb=double, se=double, first=double,
+                   out="double[:]", k=Py_ssize_t, n=Py_ssize_t, s=double)
+    cpdef _advance(self, double t)
+
+    @cython.locals(heap=list, top=double, pend=list, dts=list, s=double)
+    cpdef double _next(self)
+
+    @cython.locals(m=EngineModel, heap=list, n=Py_ssize_t, kvn="double[:]", dts=list,
+                   pend=list, v=double, pb=double, s=double, f=double)
+    cpdef bint admit(self, Py_ssize_t k, double t, bint head=*)
+
+    @cython.locals(m=EngineModel, heap=list, v=double, top=double, end="double[:]",
+                   kvn="double[:]", done=list, k=Py_ssize_t)
     cpdef list wake(self, double t)
