@@ -76,6 +76,15 @@ def _engine_scenario() -> dict:
     }
 
 
+def _immediate_scenario() -> dict:
+    """The same with the oracles' engine (`admission: immediate`, `Engine` rather than
+    `IterationEngine`)."""
+    s = _engine_scenario()
+    s["name"] = "compiled-immediate"
+    s["service"]["engine"]["admission"] = "immediate"
+    return s
+
+
 def _llm_scenario() -> dict:
     """A fixed-time kind (`llm`, slowdown by concurrency) on an unavailable-style rollout."""
     s = _engine_scenario()
@@ -107,8 +116,13 @@ def _run(scenario: Path, out: Path, source: bool) -> tuple[pd.DataFrame, dict]:
 
 @pytest.mark.parametrize(
     "scenario",
-    [_engine_scenario(), _llm_scenario(), ROOT / "scenarios" / "sessions-sticky.yaml"],
-    ids=["engine", "llm", "sessions-sticky"],
+    [
+        _engine_scenario(),
+        _immediate_scenario(),
+        _llm_scenario(),
+        ROOT / "scenarios" / "sessions-sticky.yaml",
+    ],
+    ids=["engine", "engine-immediate", "llm", "sessions-sticky"],
 )
 def test_compiled_and_source_give_identical_results(tmp_path, scenario):
     if isinstance(scenario, dict):
