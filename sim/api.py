@@ -6,9 +6,11 @@ call `simulate` and `compare`, which are pure and deterministic for a seed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
+import os
 import re
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -126,12 +128,16 @@ class PlotWorker:
         self._pools: list[ProcessPoolExecutor] = []
         try:
             for _ in self.PLOTS:
-                pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"))
+                pool = ProcessPoolExecutor(
+                    1, mp_context=multiprocessing.get_context("fork"), initializer=_yield_cpu
+                )
                 self._pools.append(pool)
                 pool.submit(_warm_up)
         except (OSError, ValueError) as e:  # no fork here, or no process to spare
             log.info("plots drawn in process: %s", e)
             self.close()
+
+    NICENESS = 5  # a weight of 335 against the simulation's 1,024 (Linux's CFS)
 
     # above this many requests the copies sent to the workers (tens of bytes a request, held
     # while pickled) cost more memory than the time they save is worth: draw in process
@@ -168,6 +174,15 @@ def _draw_one(plot: str, result: SimResult, path: Path, title: str | None) -> No
     from sim import plots
 
     getattr(plots, plot)(result, path, title=title)
+
+
+def _yield_cpu() -> None:
+    """A plot worker runs at a lower priority: warming up, it must take only what the
+    simulation leaves of the machine. On two cores, three busy processes at one priority put
+    a worker beside the simulation on its core; one step of niceness keeps both workers on the
+    other core while the simulation runs, and costs them nothing once it waits for them."""
+    with contextlib.suppress(OSError):  # not allowed here: the caller's priority, then
+        os.nice(PlotWorker.NICENESS)
 
 
 def _warm_up() -> None:
