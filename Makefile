@@ -2,6 +2,10 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# the simulator's compiled hot path (setup.py): rebuilt whenever its sources change, so a
+# stale build never runs in place of edited code
+BUILT := $(VENV)/.compiled
+SIM_SRC := setup.py $(foreach m,engine replica router,sim/$(m).py sim/$(m).pxd)
 
 .PHONY: demo test lint bench clean
 
@@ -9,17 +13,21 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	touch $(STAMP) $(BUILT)
 
-demo: $(STAMP)
+$(BUILT): $(SIM_SRC) | $(STAMP)
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(BUILT)
+
+demo: $(BUILT)
 	$(VENV)/bin/rollout sweep scenarios/azure-conv.yaml --out reports/azure-conv
 
-test: $(STAMP)
+test: $(BUILT)
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 
-lint: $(STAMP)
+lint: $(BUILT)
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build sim/*.c sim/*.so

@@ -124,10 +124,14 @@ class Ticks:
     # and a simulation asks for ticks hundreds of thousands of times
     _num: int = field(init=False, repr=False, compare=False)
     _den: int = field(init=False, repr=False, compare=False)
+    # the last interval asked about, [at(k), at(k + 1), k]: a backend asks about the same or
+    # the next interval tick after tick, and this answers it without the exact arithmetic
+    _memo: list = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_num", self.step.numerator)
         object.__setattr__(self, "_den", self.step.denominator)
+        object.__setattr__(self, "_memo", [self.at(0), self.at(1), 0])
 
     @classmethod
     def every(cls, interval: float | Fraction) -> Ticks:
@@ -141,6 +145,20 @@ class Ticks:
 
     def index_at_or_before(self, t: float) -> int:
         """The last k with at(k) ≤ t (negative before tick 0)."""
+        memo = self._memo
+        lo, hi, k = memo
+        if lo <= t:
+            if t < hi:  # at(k) ≤ t < at(k + 1)
+                return k
+            after = self.at(k + 2)
+            if t < after:  # at(k + 1) ≤ t < at(k + 2): the next interval
+                memo[:] = hi, after, k + 1
+                return k + 1
+        k = self._search(t)
+        memo[:] = self.at(k), self.at(k + 1), k
+        return k
+
+    def _search(self, t: float) -> int:
         num, den = t.as_integer_ratio()
         k = (num * self._den) // (den * self._num)
         while self.at(k) > t:
@@ -150,11 +168,13 @@ class Ticks:
         return k
 
     def at_or_before(self, t: float) -> float:
-        return self.at(self.index_at_or_before(t))
+        self.index_at_or_before(t)
+        return self._memo[0]  # at(k), as the memo holds it
 
     def after(self, t: float) -> float:
         """The first tick strictly after t."""
-        return self.at(self.index_at_or_before(t) + 1)
+        self.index_at_or_before(t)
+        return self._memo[1]  # at(k + 1)
 
 
 # ---- the decision: Serve's default policy, factors, delays and bounds ------------------------
@@ -343,8 +363,9 @@ class Autoscaler:
         """The next instant a backend should call `observe`: a decision, record or push
         instant, whichever comes first, exact (see `Ticks`). Chain it from the previous tick,
         not from a clock that may sit one ulp before it."""
-        grids = (self._decisions, self._records, self._pushes)
-        return min(g.after(after) for g in grids)
+        return min(
+            self._decisions.after(after), self._records.after(after), self._pushes.after(after)
+        )
 
     # ---- the pipeline --------------------------------------------------------------------
 
@@ -387,9 +408,12 @@ class Autoscaler:
         """Keep the samples a record of a push still to come may read: those after the
         earliest record instant of the current push's window, and the one before it."""
         horizon = self._pushes.at_or_before(now) - self.config.look_back_period_s
-        i = bisect.bisect_right(self._samples, horizon, key=_time) - 1
+        samples = self._samples
+        if len(samples) < 2 or samples[1][0] > horizon:
+            return  # at most the first sample is at or before the horizon: none to drop
+        i = bisect.bisect_right(samples, horizon, key=_time) - 1
         if i > 0:
-            del self._samples[:i]
+            del samples[:i]
 
     # ---- deciding ------------------------------------------------------------------------
 
@@ -398,7 +422,11 @@ class Autoscaler:
         replica count. `running`: the pool's replicas serving now (None: assume the target)."""
         if self._pushed is not None and now <= self._pushed.at:
             self._pushed = None  # a sample at or before that push may change its records
-        bisect.insort(self._samples, (float(now), float(total_ongoing)), key=_time)
+        sample, samples = (float(now), float(total_ongoing)), self._samples
+        if not samples or samples[-1][0] <= sample[0]:
+            samples.append(sample)  # where insort would put it, found at once
+        else:
+            bisect.insort(samples, sample, key=_time)
         self._prune(now)
         run = self.desired if running is None else running
         self.desired, self._above_since, self._below_since = decide(

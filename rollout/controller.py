@@ -276,6 +276,12 @@ def decide(state: RolloutState, obs: Observation) -> Decision:
         run.guard()
         run.advance()
         run.guard_weight()
+    else:
+        # without counts nothing is safe to apply, not even the weight that failing the
+        # rollout moves sessions back to (it may be above the share of what is ready now): the
+        # state records it, and the next observed decision, which follows this failed
+        # iteration, applies it again (`reassert`) within the share it then sees
+        run.actions.clear()
     return Decision(run.state(), tuple(run.actions), tuple(run.events))
 
 
@@ -329,6 +335,13 @@ class _Run:
 
     def _share(self) -> float | None:
         return candidate_share(self._proj_ready(CANDIDATE), self._proj_ready(CURRENT))
+
+    def _seen_weight(self) -> float:
+        """The recorded weight, never above the candidate's share of what is ready now nor
+        once this decision's actions hold: replicas may have turned ready (a growing current
+        version) or crashed since it was set."""
+        shares = (candidate_share(self.obs.candidate.ready, self.obs.current.ready), self._share())
+        return min([self.s.candidate_weight, *(x for x in shares if x is not None)])
 
     def _draining(self) -> int:
         """Replicas draining once this decision's actions are applied: those draining now and
@@ -435,7 +448,7 @@ class _Run:
             fast_forward=False,
             step_started_at=self.now,  # the rollback's own deadline counts from here
         )
-        self._set_weight(self.s.candidate_weight, "rollback: sessions follow the weight back")
+        self._set_weight(self._seen_weight(), "rollback: sessions follow the weight back")
         self._transition(Stage.ROLLBACK, reason, Phase.PROGRESSING)
 
     def _fail(self, reason: str) -> None:
@@ -466,15 +479,7 @@ class _Run:
         again, then decide as usual. The weight first, never above the candidate's share of
         the replicas ready now nor once the targets hold; then the current version's target
         before the candidate's, so the share only rises until the candidate's target holds."""
-        shares = [
-            x
-            for x in (
-                candidate_share(self.obs.candidate.ready, self.obs.current.ready),
-                self._share(),
-            )
-            if x is not None
-        ]
-        weight = min([self.s.candidate_weight, *shares])
+        weight = self._seen_weight()
         if weight != self.s.candidate_weight:
             self._update(candidate_weight=weight)
             self.events.append(
@@ -606,7 +611,7 @@ class _Run:
         """Cancel: the step cycle runs backwards from the next boundary, paused or not."""
         self._drop_requests(dropped)
         self._update(direction=Direction.BACKWARD, fast_forward=False)
-        self._set_weight(self.s.candidate_weight, "cancel: sessions follow the weight back")
+        self._set_weight(self._seen_weight(), "cancel: sessions follow the weight back")
         # candidates still starting carry no traffic: stop them now
         ready = self._proj_ready(CANDIDATE)
         if self.s.candidate_target > ready:

@@ -6,10 +6,14 @@ call `simulate` and `compare`, which are pure and deterministic for a seed.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import multiprocessing
+import os
 import re
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -22,6 +26,8 @@ from rollout.scenario import Scenario, load_scenario
 from sim.inputs import Inputs
 from sim.model import Progress, Simulation
 from sim.result import SimResult, clean_json
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "SimResult",
@@ -69,29 +75,129 @@ def compare(
     return results
 
 
-def write_outputs(result: SimResult, out_dir: Path, title: str | None = None) -> None:
+def write_outputs(
+    result: SimResult,
+    out_dir: Path,
+    title: str | None = None,
+    plotter: PlotWorker | None = None,
+) -> None:
     """summary.json, requests.parquet, timeline.parquet, replicas.parquet, events.jsonl and
-    the plots (timeline.png, latency.png)."""
-    from sim.plots import plot_latency, plot_timeline
-
+    the plots (timeline.png, latency.png). `plotter`: draw the plots in its worker processes
+    while this one writes the tables."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    plots = plotter.draw(result, out_dir, title) if plotter is not None else []
     summary = clean_json(result.summary)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out_dir / "events.jsonl").write_text(h.dump_jsonl(result.events))
+    if plots:
+        _write_tables(result, out_dir)
+        if PlotWorker.done(plots):
+            return
     # pyarrow encodes Parquet without holding the GIL: the tables are written while the plots
     # draw (matplotlib stays on this thread)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        tables = pool.submit(_write_tables, result, out_dir)
-        plot_timeline(result, out_dir / "timeline.png", title=title)
-        plot_latency(result, out_dir / "latency.png", title=title)
-        tables.result()
+        tables = None if plots else pool.submit(_write_tables, result, out_dir)
+        _draw_plots(result, out_dir, title)
+        if tables is not None:
+            tables.result()
+
+
+def _draw_plots(result: SimResult, out_dir: Path, title: str | None) -> None:
+    from sim.plots import plot_latency, plot_timeline
+
+    plot_timeline(result, out_dir / "timeline.png", title=title)
+    plot_latency(result, out_dir / "latency.png", title=title)
+
+
+class PlotWorker:
+    """Two processes that draw a run's two plots. Started before the run, each imports
+    matplotlib and draws a throwaway figure (font and tick-label caches) on another core while
+    the simulation runs; afterwards they draw while the caller writes the tables. They are
+    forked, so they start in milliseconds and get only the plotted columns. If one fails, the
+    caller draws the plots itself: every output is still written."""
+
+    # what each process draws, and the request columns it reads
+    PLOTS = (
+        ("plot_timeline", "timeline.png", ["arrival_s", "latency_s", "ttft_s", "version",
+                                           "dropped", "failed"]),
+        ("plot_latency", "latency.png", ["arrival_s", "latency_s", "version"]),
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        self._pools: list[ProcessPoolExecutor] = []
+        try:
+            for _ in self.PLOTS:
+                pool = ProcessPoolExecutor(
+                    1, mp_context=multiprocessing.get_context("fork"), initializer=_yield_cpu
+                )
+                self._pools.append(pool)
+                pool.submit(_warm_up)
+        except (OSError, ValueError) as e:  # no fork here, or no process to spare
+            log.info("plots drawn in process: %s", e)
+            self.close()
+
+    NICENESS = 5  # a weight of 335 against the simulation's 1,024 (Linux's CFS)
+
+    # above this many requests the copies sent to the workers (tens of bytes a request, held
+    # while pickled) cost more memory than the time they save is worth: draw in process
+    MAX_REQUESTS = 2_000_000
+
+    def draw(self, result: SimResult, out_dir: Path, title: str | None) -> list[Future[None]]:
+        futures: list[Future[None]] = []
+        if len(result.requests) > self.MAX_REQUESTS:
+            return futures
+        for pool, (plot, name, columns) in zip(self._pools, self.PLOTS, strict=False):
+            slim = SimResult(result.summary, result.requests[columns], result.timeline,
+                             result.events)  # fmt: skip
+            futures.append(pool.submit(_draw_one, plot, slim, out_dir / name, title))
+        return futures
+
+    @staticmethod
+    def done(plots: list[Future[None]]) -> bool:
+        """Wait for the plots; False if a worker failed (then the caller draws them)."""
+        try:
+            for f in plots:
+                f.result()
+        except Exception as e:  # a broken worker (killed, out of memory): draw here
+            log.warning("a plot worker failed (%s): drawing the plots in this process", e)
+            return False
+        return bool(plots)
+
+    def close(self) -> None:
+        for pool in self._pools:
+            pool.shutdown(wait=False, cancel_futures=True)
+        self._pools = []
+
+
+def _draw_one(plot: str, result: SimResult, path: Path, title: str | None) -> None:
+    from sim import plots
+
+    getattr(plots, plot)(result, path, title=title)
+
+
+def _yield_cpu() -> None:
+    """A plot worker runs at a lower priority: warming up, it must take only what the
+    simulation leaves of the machine. On two cores, three busy processes at one priority put
+    a worker beside the simulation on its core; one step of niceness keeps both workers on the
+    other core while the simulation runs, and costs them nothing once it waits for them."""
+    with contextlib.suppress(OSError):  # not allowed here: the caller's priority, then
+        os.nice(PlotWorker.NICENESS)
+
+
+def _warm_up() -> None:
+    from sim.plots import warm_up
+
+    warm_up()
 
 
 def _write_tables(result: SimResult, out_dir: Path) -> None:
-    result.requests.to_parquet(out_dir / "requests.parquet", index=False)
-    result.timeline.to_parquet(out_dir / "timeline.parquet", index=False)
-    result.replicas.to_parquet(out_dir / "replicas.parquet", index=False)
+    for name in ("requests", "timeline", "replicas"):
+        table: pd.DataFrame = getattr(result, name)
+        # dictionary encoding only where values repeat (versions, replica ids, flags): on a
+        # million distinct latencies it is tried and dropped, a quarter of the write's time
+        repeating = [c for c, dtype in table.dtypes.items() if dtype.kind != "f"]
+        table.to_parquet(out_dir / f"{name}.parquet", index=False, use_dictionary=repeating)
 
 
 # ---- the command line's side ---------------------------------------------------------------
@@ -117,8 +223,12 @@ def simulate_command(
         chosen = _policy(scenario, flags[0] if flags else None, stabilization)
         scenario = scenario.with_policy(chosen)
     out_dir = Path(out) if out is not None else Path("out") / scenario.name
-    result = simulate(scenario, seed=seed, progress=True)
-    write_outputs(result, out_dir, title=_title(scenario, result))
+    plotter = PlotWorker()
+    try:
+        result = simulate(scenario, seed=seed, progress=True)
+        write_outputs(result, out_dir, title=_title(scenario, result), plotter=plotter)
+    finally:
+        plotter.close()
     _print_table([result], out_dir)
     return [result]
 

@@ -65,7 +65,7 @@ def decode_times(table: dict[int, float], upto: int) -> list[float]:
     return out
 
 
-@dataclass
+@dataclass(eq=False)  # no field-wise ==: the compiled class holds C arrays
 class EngineModel:
     """One version's engine, shared by its replicas: the profile and per-request work.
 

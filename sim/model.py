@@ -267,7 +267,8 @@ class Simulation:
             tick = scaler.next_tick(tick)
             yield self.env.timeout(max(0.0, tick - self.env.now))
             now = self.env.now
-            running = sum(self.cluster.counts[v][State.READY] for v in (CURRENT, CANDIDATE))
+            counts = self.cluster.counts
+            running = counts[CURRENT][State.READY] + counts[CANDIDATE][State.READY]
             desired = scaler.observe(now, self.router.ongoing(now), running)
             if desired == self.desired:
                 continue

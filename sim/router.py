@@ -119,11 +119,13 @@ class Router:
 
     def _model(self, work: Work) -> FixedModel | EngineModel:
         if isinstance(work, EngineWork):
-            kv = None if work.kv_need is None else memoryview(work.kv_need)
+            # token counts as floats (exact below 2**53): the engine's arithmetic is in floats,
+            # and its compiled form reads one C type (sim/engine.pxd)
+            kv = None if work.kv_need is None else memoryview(_floats(work.kv_need))
             return EngineModel.build(
                 work.spec,
-                memoryview(np.ascontiguousarray(work.prefill, dtype=float)),
-                memoryview(work.tokens),
+                memoryview(_floats(work.prefill)),
+                memoryview(_floats(work.tokens)),
                 kv,
                 (self.start, self.first, self.end),
             )
@@ -440,6 +442,10 @@ class Router:
     def finish(self) -> None:
         """The run is over: whoever still waits is dropped at its deadline."""
         self._purge(INF)
+
+
+def _floats(values: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(values, dtype=float)
 
 
 def _ongoing(rep: Replica) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from fractions import Fraction
 from typing import Any
 from unittest.mock import patch
@@ -558,3 +559,23 @@ def test_state_round_trips_and_decides_on_as_if_never_stopped() -> None:
         a = Autoscaler.from_dict(c, json.loads(json.dumps(a.to_dict())))  # as recorded
         assert a.observe(t, load, running) == want
     assert set(a.to_dict()) == {"desired", "samples", "above", "below"}  # the executor's keys
+
+
+def test_ticks_remembered_interval_answers_as_the_exact_search() -> None:
+    """`Ticks` answers from the interval it was last asked about; in any order of questions
+    (the same, the next, an earlier or a far one) the answer is the exact search's."""
+    rng = random.Random(7)
+    for step in (0.1, 0.6, 1.0, 6.0, 10.0, 1 / 3):
+        ticks, t = Ticks.every(step), 0.0
+        for _ in range(3000):
+            move = rng.random()
+            if move < 0.5:
+                t = ticks.after(t)  # chained, as a backend asks
+            elif move < 0.7:
+                t = ticks.at(rng.randrange(-5, 5000)) + rng.choice((0.0, -1e-9, 1e-9))
+            else:
+                t += rng.uniform(-3 * step, 3 * step)
+            k = ticks._search(t)
+            assert ticks.index_at_or_before(t) == k
+            assert ticks.at_or_before(t) == ticks.at(k)
+            assert ticks.after(t) == ticks.at(k + 1)

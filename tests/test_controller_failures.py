@@ -218,6 +218,25 @@ def test_an_unseen_observation_takes_no_control_and_emits_no_action():
     assert replace(d.state, waiting="") == state
 
 
+def test_failing_on_an_unseen_observation_emits_nothing_until_it_sees_again():
+    """The failure that fails the rollout is an observation's: the rollback is recorded, but
+    its first actions (sessions following the weight back) wait for counts, and the next
+    decision re-applies the weight within the share it sees."""
+    policy = RolloutPolicy(max_surge_percent=25, max_backend_errors=0)
+    # sessions' high-water mark is above the weight: failing moves them back to it
+    state = c.RolloutState(policy, 4, 4, 1, candidate_weight=0.25, session_weight=0.5, step=1)
+    d = c.decide(state, c.Observation.unseen(1.0, errors=1, error="timed out"))
+    assert d.actions == ()
+    assert d.state.stage is c.Stage.ROLLBACK and d.state.forced == "failed"
+    # meanwhile the current version reached its target: 4 ready current replicas, a share of 1/5
+    obs = c.Observation(
+        2.0, 4, c.VersionObservation(ready=4), c.VersionObservation(ready=1), errors=1
+    )
+    d = c.decide(d.state, obs)
+    assert d.actions[0] == c.SetWeight(0.2, 0.2)
+    assert c.SetWeight(0.0) in d.actions  # then the rollback moves traffic back
+
+
 class RejectsCandidate(Flaky):
     """Serve rejecting the candidate's config: every apply that would leave a candidate
     replica fails, and applies nothing."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+import pytest
 from fake_cluster import FakeCluster
 from hypothesis import given
 from hypothesis import strategies as st
@@ -161,6 +162,40 @@ def _checker(case: Case):
 
 @given(cases())
 def test_controller_invariants(case: Case):
+    check_case(case)
+
+
+@pytest.mark.parametrize(
+    "n,seed,start_delay,error_prob,resize",
+    [(2, 0, (0.0, 1.0), 0.0625, (0.0, 55)), (20, 53045, (1.0, 2.0), 0.125, (1.0, 28))],
+)
+def test_failing_the_rollout_never_sends_sessions_back_above_the_share(
+    n, seed, start_delay, error_prob, resize
+):
+    """Hypothesis' counterexamples: the pool grows while the candidate's first replica starts,
+    an apply fails, and the next iteration (an observation that fails too, or one that sees 1
+    more current replica ready) fails the rollout. Its rollback once re-emitted the last weight
+    for the sessions, above the share the current version's growth had left the candidate."""
+    policy = RolloutPolicy(
+        max_surge_percent=1,
+        stabilization_time_seconds=0.0,
+        progress_deadline_seconds=86400.0,
+        max_start_failures=0,
+        max_backend_errors=0,
+    )
+    cluster = FakeCluster(
+        desired=n,
+        seed=seed,
+        start_delay=start_delay,
+        drain_s=0.0,
+        fail_prob=0.5,
+        error_prob=error_prob,
+    )
+    check_case(Case(policy, cluster, Script(desired=[resize])))
+
+
+def check_case(case: Case) -> None:
+    """Run one case to its end, checking the invariants after every decision and at the end."""
     cl = case.cluster
     d = run(case.policy, cl, case.script, _checker(case))
     s = d.state

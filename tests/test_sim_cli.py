@@ -350,3 +350,25 @@ def test_a_bad_profile_file_names_itself(tmp_path):
     path = small_scenario(tmp_path, service={"kind": "engine", "engine": {"profile": str(profile)}})
     one_line_error(invoke("simulate", str(path), "--out", str(tmp_path / "o")), str(profile))
     assert not (tmp_path / "o").exists()
+
+
+def test_a_plot_worker_that_dies_leaves_no_output_missing(tmp_path, monkeypatch, caplog):
+    """The plots are drawn by forked worker processes (sim.api.PlotWorker); a worker killed
+    mid-plot costs time, not a file: the command draws them itself, and says so once."""
+    import os
+
+    import sim.api
+
+    def killed(*_: object) -> None:
+        os._exit(9)
+
+    monkeypatch.setattr(sim.api, "_draw_one", killed)  # the forked workers inherit it
+    out = tmp_path / "out"
+    result = invoke("simulate", str(small_scenario(tmp_path)), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    for png in ("timeline.png", "latency.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("requests.parquet", "timeline.parquet", "replicas.parquet", "summary.json"):
+        assert (out / name).stat().st_size > 0
+    failures = [r for r in caplog.records if "plot worker failed" in r.getMessage()]
+    assert len(failures) == 1
