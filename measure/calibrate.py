@@ -23,6 +23,14 @@ of the sequences it admits, and the iteration that prefills a request yields its
   twice. The table holds the median at each batch size seen (rounded); its quality is a line's
   fit through the per-request points. A batch size needs 10 requests; the medians are made
   non-decreasing (pool adjacent violators), as iterations never get faster with more sequences.
+- **Warm-up** (`warmup.iterations`, `warmup.factor`), when visible: a new replica's first
+  iterations run slower (a freshly loaded model's first passes), so the requests it serves
+  first take more time per token than the table says at their batch. A version's first
+  requests over `WARM_RATIO` times the table's value (those before `SETTLED` in a row are not)
+  are taken as warm-up: the factor is the median of their ratios, and the iterations are their
+  extra time counted in slow iterations, each shared by the requests of its batch, over the
+  version's ready replicas (each new replica warms up once). On a known engine it finds
+  50 iterations at 3× as 47 at 3.1× (tests/test_calibrate.py).
 - **max_num_seqs**, when visible: past the engine's limit extra requests wait instead of
   joining the batch, so time per token stops growing with load. A hinge
   `a + b·min(batch, K)` that fits clearly better than the line (a fifth less squared error) at
@@ -65,6 +73,9 @@ MIN_REQUESTS = 30  # answered requests with two tokens or more
 MIN_PER_BATCH = 10  # requests at a batch size for its median to enter the table
 HINGE_GAIN = 0.8  # a hinge must leave at most this share of the line's squared error
 MIN_PERIOD_S = 0.1  # the controller's tick: readiness is not seen more finely
+WARM_RATIO = 1.5  # time per token this far over the table's is a new replica's warm-up
+MIN_WARM = 3  # requests that show a warm-up before one is fitted
+SETTLED = 5  # a version's requests in a row at the table's speed: its warm-up is over
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,8 @@ class Calibration:
     overhead_s: float  # the stack's time per request outside the engine
     decode_s_per_token: dict[int, float]
     max_num_seqs: int | None
+    warmup_iterations: int  # 0: none seen
+    warmup_factor: float
     cold_starts_s: np.ndarray
     health_check_period_s: float
     fits: list[Fit]
@@ -114,6 +127,11 @@ class Calibration:
             "max_num_seqs": self.max_num_seqs,
             "admission": "iteration",  # the model the fit assumes
         }
+        if self.warmup_iterations:
+            engine["warmup"] = {
+                "iterations": self.warmup_iterations,
+                "factor": round(self.warmup_factor, 3),
+            }
         return {
             "service": {
                 "kind": "engine",
@@ -134,7 +152,8 @@ def load_at(requests: pd.DataFrame, timeline: pd.DataFrame) -> pd.DataFrame:
     - `idle`: it found fewer requests in flight on its version than ready replicas at its arrival
       (a replica was idle);
     - `others_tokens`: prompt tokens of the version's requests whose first token came during its
-      decode, per ready replica (prefilled in its decode iterations).
+      decode, per ready replica (prefilled in its decode iterations);
+    - `ready`: its version's ready replicas at its arrival.
     """
     start = requests["start_s"].to_numpy(dtype=float)
     first = start + requests["ttft_s"].to_numpy(dtype=float)
@@ -145,6 +164,7 @@ def load_at(requests: pd.DataFrame, timeline: pd.DataFrame) -> pd.DataFrame:
     batch = np.full(len(requests), np.nan)
     idle = np.zeros(len(requests), dtype=bool)
     others = np.zeros(len(requests))
+    ready_then = np.zeros(len(requests))
     t = timeline["t_s"].to_numpy(dtype=float)
     for name in ("current", "candidate"):
         mine = version == name
@@ -173,7 +193,10 @@ def load_at(requests: pd.DataFrame, timeline: pd.DataFrame) -> pd.DataFrame:
             batch[mine] = np.where(rep > 0, inflight / rep, np.nan)
             others[mine] = np.where(rep > 0, window / rep, 0.0)
         idle[mine] = busy < rep0
-    return pd.DataFrame({"batch": batch, "idle": idle, "others_tokens": others})
+        ready_then[mine] = rep0
+    return pd.DataFrame(
+        {"batch": batch, "idle": idle, "others_tokens": others, "ready": ready_then}
+    )
 
 
 def read_runs(runs: list[Path]) -> tuple[list[SimResult], list[pd.DataFrame]]:
@@ -230,12 +253,16 @@ def fit(results: list[SimResult], reps: list[pd.DataFrame]) -> Calibration:
     line = line_icept + slope * batch
     fits.append(Fit.of("time per output token (line)", tpot, line))
     max_num_seqs = _hinge(batch, tpot, float(((tpot - line) ** 2).sum()), fits)
+    ratio = tpot / np.asarray(decode_times(table, int(rounded.max())))[rounded]
+    warm_iterations, warm_factor = _warmup(req, ratio)
     cold, period = _starts(reps, fits)
     return Calibration(
         prefill_s_per_1k_tokens=per_token * 1000.0,
         overhead_s=float(icept) - decode_times(table, 1)[1],
         decode_s_per_token=table,
         max_num_seqs=max_num_seqs,
+        warmup_iterations=warm_iterations,
+        warmup_factor=warm_factor,
         cold_starts_s=cold,
         health_check_period_s=period,
         fits=fits,
@@ -289,6 +316,30 @@ def _hinge(batch: np.ndarray, tpot: np.ndarray, line_sse: float, fits: list[Fit]
     return best[1]
 
 
+def _warmup(req: pd.DataFrame, ratio: np.ndarray) -> tuple[int, float]:
+    """Warm-up iterations per new replica and their factor from the requests' time per token
+    over the table's (`ratio`): a version's first requests, until `SETTLED` in a row run at the
+    table's speed (later slow ones are load, not warm-up); (0, 1.0) where fewer than `MIN_WARM`
+    show one."""
+    warm = np.zeros(len(req), dtype=bool)
+    slow = ratio > WARM_RATIO
+    version = req["version"].astype(str).to_numpy()
+    for name in np.unique(version):
+        rows = np.flatnonzero(version == name)
+        rows = rows[np.argsort(req["start_s"].to_numpy()[rows], kind="stable")]
+        calm = np.convolve(~slow[rows], np.ones(SETTLED, dtype=int), mode="valid") == SETTLED
+        end = int(np.argmax(calm)) if calm.any() else len(rows)
+        warm[rows[:end]] = slow[rows[:end]]
+    if warm.sum() < MIN_WARM:
+        return 0, 1.0
+    factor = float(np.median(ratio[warm]))
+    tokens = req["generated_tokens"].to_numpy(dtype=float)[warm]
+    iterations = (ratio[warm] - 1.0) / (factor - 1.0) * (tokens - 1.0)  # slow ones it ran
+    batch = np.maximum(1.0, req["batch"].to_numpy(dtype=float)[warm])
+    ready = np.maximum(1.0, req["ready"].to_numpy(dtype=float)[warm])
+    return max(1, round(float((iterations / batch / ready).sum()))), factor
+
+
 def _starts(reps: list[pd.DataFrame], fits: list[Fit]) -> tuple[np.ndarray, float]:
     """Cold starts (scale-up → running) and the health-check period of the watched starts."""
     frame = pd.concat(reps, ignore_index=True) if reps else pd.DataFrame()
@@ -337,6 +388,13 @@ def report(cal: Calibration) -> str:
         f"(+ {cal.overhead_s * 1000:.1f} ms per request outside the engine: overhead_s)",
         f"time per output token by batch size: {table}",
         f"max_num_seqs: {cal.max_num_seqs if cal.max_num_seqs else 'not visible'}",
+        "warm-up: "
+        + (
+            f"a new replica's first {cal.warmup_iterations} iterations, "
+            f"{cal.warmup_factor:.2f}x as long"
+            if cal.warmup_iterations
+            else "not visible"
+        ),
         f"cold start (scale-up → running): {len(cold)} starts, p50 {np.median(cold):.2f} s, "
         f"max {cold.max():.2f} s",
         f"health-check period: {cal.health_check_period_s:.2f} s",

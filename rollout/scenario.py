@@ -113,7 +113,9 @@ class ColdStartSpec(_Strict):
 
 class Warmup(_Strict):
     requests: int = Field(0, ge=0)  # a new replica's first requests ...
-    factor: float = Field(1.0, ge=1)  # ... run this many times slower (prefill and decode)
+    # ... and, with iteration admission, its first iterations (prefills and decode) ...
+    iterations: int = Field(0, ge=0)
+    factor: float = Field(1.0, ge=1)  # ... run this many times slower
 
 
 class _EngineFields(_Strict):
@@ -130,6 +132,8 @@ class _EngineFields(_Strict):
 
     @model_validator(mode="after")
     def _table(self) -> _EngineFields:
+        if self.warmup.iterations and self.admission != "iteration":
+            raise ValueError("warmup.iterations needs admission: iteration (iterations are its)")
         table = self.decode_s_per_token
         if table is not None:
             if not table:

@@ -32,23 +32,24 @@ from sim.gpus import GpuSupply, Node
 from sim.replica import Replica, State
 from sim.router import Router
 
-# scale-down order: replicas without traffic first (waiting, then starting), then ready ones
-# node by node, the nodes with the fewest replicas first (as Serve does, so that nodes empty and
-# can go; on-demand nodes before reserved ones on a tie), within a node those with the fewest
-# requests in flight (they drain fastest), newest first
+# scale-down order, as Serve 2.60's scheduler picks (`_get_replicas_to_stop`): replicas without
+# traffic first (waiting, then starting), then ready ones node by node, the nodes with the fewest
+# replicas first (so that nodes empty and can go; on-demand nodes before reserved ones on a tie),
+# within a node the newest first (the last placed on a GPU), whatever they have in flight
 _REMOVE_RANK = {State.PENDING_GPU: 0, State.STARTING: 1, State.READY: 2}
 
 
-def _removal_order(rep: Replica) -> tuple[int, int, int, int, int, int]:
+def _removal_order(rep: Replica) -> tuple[float, ...]:
     node = rep.node
+    newest = -rep.gpu_at if rep.gpu_at is not None else 0.0
     if not isinstance(node, Node):
-        return (_REMOVE_RANK[rep.state], 0, 0, 0, rep.ongoing, -rep.id)
+        return (_REMOVE_RANK[rep.state], newest, -rep.id)
     return (
         _REMOVE_RANK[rep.state],
         node.used,
         0 if node.on_demand else 1,
         node.index,
-        rep.ongoing,
+        newest,
         -rep.id,
     )
 
@@ -122,6 +123,8 @@ class Cluster:
         now = self.env.now
         for _ in range(n):
             rep = self._new(version)
+            if rep.engine is not None:
+                rep.engine.warmed()
             if self.gpus.request(rep):
                 rep.gpu_at = now
                 self._turn_ready(rep)

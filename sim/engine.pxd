@@ -16,6 +16,7 @@ cdef class EngineModel:
     cdef public double[:] kv_need  # None: no KV-cache books
     cdef public long warm_requests
     cdef public double warm_factor
+    cdef public double warm_iterations
     cdef public bint iterations
     cdef public double[:] start
     cdef public double[:] first
@@ -42,11 +43,22 @@ cdef class Engine:
                    k=Py_ssize_t)
     cpdef list wake(self, double t)
 
+    cpdef warmed(self)
+
 cdef class IterationEngine(Engine):
     cdef public list pending
     cdef public double pb
     cdef public double tb
     cdef public double ps
+    cdef public double wv
+
+    @cython.locals(w=double, f=double)
+    cpdef double _span(self, double v0, double v1, double dt)
+
+    @cython.locals(w=double, f=double, head=double)
+    cpdef double _gain(self, double v0, double secs, double dt)
+
+    cpdef double _stall(self)
 
     @cython.locals(heap=list, pend=list, dts=list, tb=double, se=double, first=double,
                    out="double[:]", k=Py_ssize_t, n=Py_ssize_t, s=double)
@@ -62,3 +74,5 @@ cdef class IterationEngine(Engine):
     @cython.locals(m=EngineModel, heap=list, v=double, top=double, end="double[:]",
                    kvn="double[:]", done=list, k=Py_ssize_t)
     cpdef list wake(self, double t)
+
+    cpdef warmed(self)

@@ -23,8 +23,10 @@ Up to
 `max_num_seqs` requests run at once (prefilling or decoding); with `kv_cache_tokens`, admission
 also waits until the running requests' context plus generated tokens leave room for the next
 one's (reserved whole at admission, so there is no preemption). Requests that cannot start
-wait in the replica's FIFO queue. A new replica's first `warmup.requests` requests run
-`warmup.factor` times slower.
+wait in the replica's FIFO queue. Warm-up, as a freshly loaded model's first passes run slower:
+a new replica's first `warmup.requests` requests run `warmup.factor` times slower (their prefill
+and each of their tokens), and with iteration admission its first `warmup.iterations` iterations
+take `warmup.factor` times as long (the LLM example's `warmup_iterations`).
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ class EngineModel:
     kv_need: memoryview | None  # context + generated tokens per request
     warm_requests: int
     warm_factor: float
+    warm_iterations: float  # IterationEngine: the replica's first iterations that run slower
     iterations: bool  # admission at iteration boundaries (IterationEngine), else immediate
     start: memoryview
     first: memoryview
@@ -118,6 +121,7 @@ class EngineModel:
             kv_need=kv_need if spec.kv_cache_tokens is not None else None,
             warm_requests=spec.warmup.requests,
             warm_factor=spec.warmup.factor,
+            warm_iterations=float(spec.warmup.iterations),
             iterations=spec.admission == "iteration",
             start=results[0],
             first=results[1],
@@ -251,6 +255,10 @@ class Engine:
             self.next_t = INF
         return done
 
+    def warmed(self) -> None:
+        """No warm-up: a replica that served before the simulated span began."""
+        self.warm_left = 0
+
     def kill(self) -> list[int]:
         """The replica died (crash, or its drain deadline passed): everything in it is lost."""
         lost = list(self.queue) + [k for _, k in self.heap]
@@ -277,9 +285,14 @@ class IterationEngine(Engine):
     its boundary at once (`pb = 0`, `tb = now`); a finish at a boundary opens one there for the
     replica's queue. A request arriving at the very instant a boundary is crossed joins the
     next one, as the engine loop schedules the next batch straight after a step returns.
+
+    Warm-up by iterations: the replica's iteration count is the virtual clock's whole numbers
+    (over its busy periods), so its warm-up ends at the virtual time `wv`, rebased when the
+    engine idles; before it, an iteration's prefills and decode take `warm_factor` times as
+    long. `_span` and `_gain` convert between tokens and seconds across that point.
     """
 
-    __slots__ = ("pb", "pending", "ps", "tb")
+    __slots__ = ("pb", "pending", "ps", "tb", "wv")
 
     def __init__(self, model: EngineModel) -> None:
         super().__init__(model)
@@ -287,6 +300,32 @@ class IterationEngine(Engine):
         self.pb = 0.0  # the pending boundary on the virtual clock (a whole number)
         self.tb = -INF  # its real time
         self.ps = 0.0  # the prefill seconds of the iteration that starts there
+        self.wv = model.warm_iterations  # the virtual time the warm-up ends (busy period's)
+
+    def _span(self, v0: float, v1: float, dt: float) -> float:
+        """Seconds to decode from v0 to v1 at dt a token, slower before `wv`."""
+        w = self.wv
+        if v0 >= w:
+            return (v1 - v0) * dt
+        f = self.m.warm_factor
+        if v1 <= w:
+            return (v1 - v0) * dt * f
+        return (w - v0) * dt * f + (v1 - w) * dt
+
+    def _gain(self, v0: float, secs: float, dt: float) -> float:
+        """Tokens decoded from v0 in secs at dt a token (the inverse of `_span`)."""
+        w = self.wv
+        if v0 >= w:
+            return secs / dt
+        f = self.m.warm_factor
+        head = (w - v0) * dt * f
+        if secs <= head:
+            return secs / (dt * f)
+        return (w - v0) + (secs - head) / dt
+
+    def _stall(self) -> float:
+        """The prefill seconds of the iteration at the pending boundary."""
+        return self.ps * self.m.warm_factor if self.pb < self.wv else self.ps
 
     def _advance(self, t: float) -> None:
         """Bring v up to time t: promote a boundary passed, then decode up to t."""
@@ -296,9 +335,10 @@ class IterationEngine(Engine):
         if pend and t > self.tb:
             tb = self.tb
             self.v = self.pb
-            se = tb + self.ps
+            se = tb + self._stall()
             self.stall_end = se
-            first = se + dts[len(heap)]  # the iteration's end: its joiners' first token
+            # the iteration's end: its joiners' first token
+            first = se + self._span(self.pb, self.pb + 1.0, dts[len(heap)])
             out = self.m.first
             for k in pend:
                 out[k] = first
@@ -309,7 +349,7 @@ class IterationEngine(Engine):
         if n:
             s = self.tv if self.tv > self.stall_end else self.stall_end
             if t > s:
-                self.v += (t - s) / dts[n]
+                self.v += self._gain(self.v, t - s, dts[n])
         self.tv = t
 
     def _next(self) -> float:
@@ -320,11 +360,11 @@ class IterationEngine(Engine):
         dts = self.m.dt
         if pend:
             if top > self.pb + _DUE:
-                return self.tb + self.ps + (top - self.pb) * dts[len(heap)]
+                return self.tb + self._stall() + self._span(self.pb, top, dts[len(heap)])
             if top >= self.pb - _DUE:
                 return self.tb
         s = self.tv if self.tv > self.stall_end else self.stall_end
-        return s + (top - self.v) * dts[len(heap) - len(pend)]
+        return s + self._span(self.v, top, dts[len(heap) - len(pend)])
 
     def admit(self, k: int, t: float, head: bool = False) -> bool:
         """Request k is routed here at t: it joins the pending boundary (True), or waits in the
@@ -346,6 +386,8 @@ class IterationEngine(Engine):
             dts.extend([m.dt_last] * len(dts))  # no batch limit: a larger batch than ever
         pend = self.pending
         if not n:  # idle: an iteration starts now
+            if self.wv > 0.0:  # the warm-up left, on the new busy period's clock
+                self.wv = self.wv - self.v if self.wv > self.v else 0.0
             self.v = self.pb = 0.0
             self.tb = self.tv = t
             self.stall_end = -INF
@@ -357,7 +399,7 @@ class IterationEngine(Engine):
                 pb = floor(v + _DUE) + 1.0
                 s = self.tv if self.tv > self.stall_end else self.stall_end
                 self.pb = pb
-                self.tb = s + (pb - v) * dts[n]
+                self.tb = s + self._span(v, pb, dts[n])
         f = 1.0
         if self.warm_left:
             self.warm_left -= 1
@@ -403,6 +445,10 @@ class IterationEngine(Engine):
             queue.popleft()
         self.next_t = self._next() if heap else INF
         return done
+
+    def warmed(self) -> None:
+        Engine.warmed(self)  # (a compiled cpdef method has no super())
+        self.wv = 0.0
 
     def kill(self) -> list[int]:
         self.pending.clear()

@@ -28,22 +28,32 @@ def iteration_s(batch: int) -> float:
     return BASE_S + PER_SEQ_S * (batch - 1)
 
 
-def serve(arrival: np.ndarray, ctx: np.ndarray, gen: np.ndarray, limit: int) -> tuple:
+def serve(
+    arrival: np.ndarray,
+    ctx: np.ndarray,
+    gen: np.ndarray,
+    limit: int,
+    warm: tuple[int, float] = (0, 1.0),
+) -> tuple:
     """Replicas running the LLM example's engine loop, one iteration at a time (admission at
     iteration boundaries, FIFO up to `limit` sequences; an iteration lasts `iteration_s(batch)`
-    plus its prefills and gives each sequence in it one token), behind a router that sends each
-    request to the replica with the fewest in flight. First-token and end times."""
+    plus its prefills, `warm[1]` times that for a replica's first `warm[0]` iterations, and
+    gives each sequence in it one token), behind a router that sends each request to the
+    replica with the fewest in flight. First-token and end times."""
     first, end = np.full(len(arrival), np.nan), np.full(len(arrival), np.nan)
     got = np.zeros(len(arrival), dtype=int)
     waiting: list[list[int]] = [[] for _ in range(REPLICAS)]
     batch: list[list[int]] = [[] for _ in range(REPLICAS)]
     until = [np.inf] * REPLICAS
+    done = [0] * REPLICAS
 
     def start(r: int, t: float) -> None:
         room = max(0, limit - len(batch[r]))
         prefill, waiting[r] = waiting[r][:room], waiting[r][room:]
         batch[r] += prefill
-        until[r] = t + iteration_s(len(batch[r])) + PREFILL_S_PER_TOKEN * ctx[prefill].sum()
+        took = iteration_s(len(batch[r])) + PREFILL_S_PER_TOKEN * ctx[prefill].sum()
+        until[r] = t + took * (warm[1] if done[r] < warm[0] else 1.0)
+        done[r] += 1
         for k in prefill:
             got[k] = -1  # prefilling: its first token at this iteration's end
 
@@ -72,7 +82,12 @@ def serve(arrival: np.ndarray, ctx: np.ndarray, gen: np.ndarray, limit: int) -> 
     return first, end
 
 
-def run(rates: list[float], limit: int | None = None, seed: int = 0) -> SimResult:
+def run(
+    rates: list[float],
+    limit: int | None = None,
+    seed: int = 0,
+    warm: tuple[int, float] = (0, 1.0),
+) -> SimResult:
     """Poisson load at each rate per replica, 60 s each with 10 s pauses, served by `serve`,
     as a client records it (every request also pays OVERHEAD_S outside the engine)."""
     rng = np.random.default_rng(seed)
@@ -83,7 +98,7 @@ def run(rates: list[float], limit: int | None = None, seed: int = 0) -> SimResul
     arrival = np.concatenate(times)
     ctx = rng.choice([128, 512, 2048], len(arrival))
     gen = rng.integers(8, 33, len(arrival))
-    first, end = serve(arrival, ctx, gen, limit or 10**6)
+    first, end = serve(arrival, ctx, gen, limit or 10**6, warm)
     df = pd.DataFrame({"arrival_s": arrival, "start_s": arrival, "end_s": end + OVERHEAD_S,
                        "latency_s": end + OVERHEAD_S - arrival,
                        "ttft_s": first + OVERHEAD_S - arrival,
@@ -127,12 +142,32 @@ def test_recovers_the_engine_and_the_starts(tmp_path: Path) -> None:
     # the batch is estimated from requests in flight, waiting ones included: the limit shows
     # a little past the engine's
     assert cal.max_num_seqs is not None and 12 <= cal.max_num_seqs <= 14
+    assert cal.warmup_iterations == 0  # none in this engine
+    assert "warmup" not in cal.fragment("cold_starts.csv")["service"]["engine"]
     assert len(cal.cold_starts_s) == 4 and (cal.cold_starts_s >= 3).all()
     assert cal.health_check_period_s == pytest.approx(0.2)
     quality = {f.name: f for f in cal.fits}
     assert quality["TTFT on an idle replica"].r2 > 0.99
     limit = quality[f"time per token (limit {cal.max_num_seqs})"]
     assert limit.r2 > quality["time per output token (line)"].r2
+
+
+@pytest.mark.parametrize(("iterations", "factor"), [(50, 3.0), (200, 2.0)])
+def test_recovers_a_new_replicas_warm_up(iterations: int, factor: float) -> None:
+    """Replicas whose first iterations run slower (the LLM example's warm-up): the factor
+    within 10 %, the iterations within a quarter, and the table as the same load's without one."""
+    result = run([1, 2, 4, 8], warm=(iterations, factor))
+    cal = calibrate.fit([result], [result.replicas])
+    assert cal.warmup_factor == pytest.approx(factor, rel=0.1)
+    assert cal.warmup_iterations == pytest.approx(iterations, rel=0.25)
+    assert cal.fragment("cold_starts.csv")["service"]["engine"]["warmup"] == {
+        "iterations": cal.warmup_iterations,
+        "factor": round(cal.warmup_factor, 3),
+    }
+    plain = calibrate.fit([run([1, 2, 4, 8])], [result.replicas])
+    assert plain.warmup_iterations == 0
+    for k, sec in cal.decode_s_per_token.items():
+        assert sec == pytest.approx(plain.decode_s_per_token[k], rel=0.05), k
 
 
 def test_no_limit_is_reported_where_none_is_visible() -> None:

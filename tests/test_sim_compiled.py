@@ -34,9 +34,10 @@ json.dump({"summary": summary, "router": sim.router.__file__}, open(sys.argv[2] 
 
 
 def _engine_scenario() -> dict:
-    """Engine kind with every per-request path: a binding KV cache, warm-up, a router queue
-    (a low `max_ongoing_requests`), timeouts, crashes, failed starts, autoscaling and a surge
-    rollout whose candidate answers some requests with errors."""
+    """Engine kind with every per-request path: a binding KV cache, warm-up (by requests and
+    by iterations), a router queue (a low `max_ongoing_requests`), timeouts, crashes, failed
+    starts, autoscaling and a surge rollout whose candidate answers some requests with
+    errors."""
     return {
         "name": "compiled-engine",
         "seed": 3,
@@ -55,7 +56,7 @@ def _engine_scenario() -> dict:
                 "profile": str(PROFILE),
                 "max_num_seqs": 12,
                 "kv_cache_tokens": 20000,
-                "warmup": {"requests": 20, "factor": 2.0},
+                "warmup": {"requests": 20, "iterations": 200, "factor": 2.0},
             },
         },
         "fleet": {
@@ -82,6 +83,7 @@ def _immediate_scenario() -> dict:
     s = _engine_scenario()
     s["name"] = "compiled-immediate"
     s["service"]["engine"]["admission"] = "immediate"
+    s["service"]["engine"]["warmup"] = {"requests": 20, "factor": 2.0}  # no iterations there
     return s
 
 

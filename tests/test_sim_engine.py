@@ -110,20 +110,39 @@ def test_kv_cache_admits_what_fits(tmp_path):
     assert req["latency_s"].iloc[3] == pytest.approx(3.0)
 
 
+FIRST = (0.0, 128, 1)  # a trace's first request is at 0: this one goes to the booted replica
+
+
+def a_new_replica(timeout: float = 60.0) -> dict[str, Any]:
+    """One replica, replaced at 0 by a rollout with a new one that serves alone from 2 s (the
+    fleet the simulation starts with has served before: it is warm). Traces start with
+    `FIRST`."""
+    return {
+        "fleet": {**one_replica(timeout=timeout), "gpu_capacity": 2},
+        "cold_start": {"kind": "deterministic", "seconds": 1.0},
+        "health_check": {"period_s": 1.0},
+        "rollout": {
+            "at_s": 0.0,
+            "policy": {"max_surge_percent": 50, "stabilization_time_seconds": 0},
+        },
+    }
+
+
 def test_warmup_slows_a_new_replicas_first_requests(tmp_path):
-    s = from_arrivals(
-        tmp_path,
-        [(0.0, 1000, 100), (5.0, 1000, 100), (10.0, 1000, 100)],
-        service=engine(
-            prefill_s_per_1k_tokens=0.2,
-            decode_s_per_token={1: 0.01},
-            warmup={"requests": 2, "factor": 3.0},
-        ),
-        fleet=one_replica(),
+    rows = [(2.0, 1000, 100), (7.0, 1000, 100), (12.0, 1000, 100)]
+    service = engine(
+        prefill_s_per_1k_tokens=0.2,
+        decode_s_per_token={1: 0.01},
+        warmup={"requests": 2, "factor": 3.0},
     )
-    req = simulate(s).requests
+    new = simulate(from_arrivals(tmp_path, [FIRST, *rows], service=service, **a_new_replica()))
+    req = new.requests.iloc[1:]
+    assert list(req["version"]) == ["candidate"] * 3
     assert list(req["ttft_s"]) == pytest.approx([0.6, 0.6, 0.2])
     assert list(req["latency_s"]) == pytest.approx([3.6, 3.6, 1.2])
+    booted = simulate(from_arrivals(tmp_path, rows, service=service, fleet=one_replica()))
+    assert (booted.requests["version"] == "current").all()
+    assert list(booted.requests["ttft_s"]) == pytest.approx([0.2, 0.2, 0.2])
 
 
 # ---- queueing oracles -------------------------------------------------------------------------
@@ -293,17 +312,23 @@ def test_a_queued_request_joins_at_the_boundary_where_a_slot_frees(tmp_path):
 
 
 def replay_iterations(
-    rows: list[tuple[float, int, int]], base: float, per_seq: float, pps: float, seqs: int
+    rows: list[tuple[float, int, int]],
+    base: float,
+    per_seq: float,
+    pps: float,
+    seqs: int,
+    warm: tuple[int, float] = (0, 1.0),
 ) -> tuple[np.ndarray, np.ndarray]:
     """The LLM example's engine loop (examples/llm/engine.py) with the profile backend's
     iteration time, one iteration at a time: each iteration admits waiting requests (FIFO, up to
-    `seqs` sequences), lasts base + per_seq·(batch − 1) + pps·prefill tokens, and gives every
-    sequence in it one token. First-token and end times per request."""
+    `seqs` sequences), lasts base + per_seq·(batch − 1) + pps·prefill tokens (`warm`: the first
+    so many iterations take this factor times as long), and gives every sequence in it one
+    token. First-token and end times per request."""
     first = np.full(len(rows), np.nan)
     end = np.full(len(rows), np.nan)
     got = [0] * len(rows)
     running: list[int] = []
-    i, t = 0, 0.0
+    i, t, done = 0, 0.0, 0
     waiting: list[int] = []
     while i < len(rows) or waiting or running:
         if not running and not waiting:
@@ -314,7 +339,9 @@ def replay_iterations(
         prefill = waiting[: max(0, seqs - len(running))]
         waiting = waiting[len(prefill) :]
         batch = running + prefill
-        t += base + per_seq * (len(batch) - 1) + pps * sum(rows[k][1] for k in prefill)
+        took = base + per_seq * (len(batch) - 1) + pps * sum(rows[k][1] for k in prefill)
+        t += took * (warm[1] if done < warm[0] else 1.0)
+        done += 1
         for k in prefill:
             first[k] = t
         running = []
@@ -327,12 +354,13 @@ def replay_iterations(
     return first, end
 
 
-@pytest.mark.parametrize("seqs", [4, 64])
-def test_iteration_admission_matches_the_engine_loop_exactly(tmp_path, seqs):
+@pytest.mark.parametrize(("seqs", "warm"), [(4, (0, 1.0)), (64, (0, 1.0)), (64, (300, 3.0))])
+def test_iteration_admission_matches_the_engine_loop_exactly(tmp_path, seqs, warm):
     """400 Poisson requests at 70 % or more of one replica's capacity, prompts and lengths
-    varied: every first token and end equals the iteration-by-iteration replay's."""
+    varied: every first token and end equals the iteration-by-iteration replay's; with a
+    warm-up of 300 iterations at 3× too (it spans busy periods and ends inside one)."""
     rng = np.random.default_rng(seqs)
-    at = np.cumsum(rng.exponential(0.25, 400))
+    at = 2.0 + np.cumsum(rng.exponential(0.25, 400))  # on a new replica (`a_new_replica`)
     rows = [
         (round(float(a), 6), int(c), int(g))
         for a, c, g in zip(
@@ -342,17 +370,19 @@ def test_iteration_admission_matches_the_engine_loop_exactly(tmp_path, seqs):
     base, per_seq, pps = 0.02, 0.0003, 0.00003
     s = from_arrivals(
         tmp_path,
-        rows,
+        [FIRST, *rows],
         service=engine(
             "iteration",
             max_num_seqs=seqs,
             prefill_s_per_1k_tokens=pps * 1000,
             decode_s_per_token={1: base, 1001: base + 1000 * per_seq},
+            warmup={"iterations": warm[0], "factor": warm[1]},
         ),
-        fleet=one_replica(timeout=1e6),
+        **a_new_replica(timeout=1e6),
     )
-    req = simulate(s).requests
-    first, end = replay_iterations(rows, base, per_seq, pps, seqs)
+    req = simulate(s).requests.iloc[1:]
+    assert (req["version"] == "candidate").all()
+    first, end = replay_iterations(rows, base, per_seq, pps, seqs, warm)
     arrival = np.array([r[0] for r in rows])
     assert req["ttft_s"].to_numpy() == pytest.approx(first - arrival, abs=1e-9)
     assert req["latency_s"].to_numpy() == pytest.approx(end - arrival, abs=1e-9)
