@@ -6,21 +6,24 @@ predictions of them, with only calibrated parameters.
    calibration's replica starts (a rollout's, one at a time; not the rollouts measured below).
 2. Calibrates: `rollout calibrate --probe` (a load sweep on v1; the v0 → v1 rollout's replica
    starts), writing the scenario fragment to OUT/calibration/.
-3. For each policy (surge: v1 → v2 with 50 % surge; unavailable: v2 → v1 with 50 % unavailable)
-   replays the Azure code trace from minute 4 with `rollout load` (sped up by `--time-scale`),
-   rolls out with `rollout deploy` `--lead-s` seconds into the replay, stops the replay
-   `--tail-s` seconds after the rollout, and exports the rollout with its requests
-   (`rollout export`) to OUT/runs/POLICY/measured.
-4. Simulates the same: the requests the replay sent (times and token counts, no resampling), the
-   same fleet, policy and rollout start, Serve's drain loop as the executor configures it, the
-   calibrated engine, cold starts and health-check period; written to OUT/runs/POLICY/predicted.
-5. Writes OUT/fidelity.csv (policy, metric, predicted, measured, error_pct), OUT/report.md and an
-   overlay plot per policy.
+3. `--runs` times, for each policy in turn (surge: v1 → v2 with 50 % surge; unavailable:
+   v2 → v1 with 50 % unavailable), replays the Azure code trace from minute 4 with `rollout
+   load` (sped up by `--time-scale`), rolls out with `rollout deploy` `--lead-s` seconds into
+   the replay, stops the replay `--tail-s` seconds after the rollout, and exports the rollout
+   with its requests (`rollout export`) to OUT/runs/POLICY/runN/measured.
+4. Simulates each run `--seeds` times (the simulator's routing and cold-start draws): the
+   requests the replay sent (times and token counts, no resampling), the same fleet, policy and
+   rollout start, Serve's drain loop as the executor configures it, the calibrated engine, cold
+   starts and health-check period; the first seed's files in OUT/runs/POLICY/runN/predicted.
+5. Writes OUT/fidelity.csv (policy, metric, predicted, measured, error_pct: the median over
+   the predictions against the median over the runs, and both ranges), OUT/fidelity_runs.csv
+   (each run against the median of its own predictions), OUT/report.md and an overlay plot per
+   policy (its first run).
 
 The two versions run the same engine profile (v1's, with v2's own seed): the experiment tests the
 rollout's prediction, not a guess at an unseen version's speed.
 
-Usage: python benchmarks/fidelity.py [--out reports/fidelity] [--time-scale 3]
+Usage: python benchmarks/fidelity.py [--out reports/fidelity] [--time-scale 3] [--runs 3]
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -58,6 +62,8 @@ def main() -> int:
     p.add_argument("--lead-s", type=float, default=30.0)
     p.add_argument("--tail-s", type=float, default=30.0)
     p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--runs", type=int, default=3, help="real rollouts per policy")
+    p.add_argument("--seeds", type=int, default=5, help="simulations per real rollout")
     a = p.parse_args()
 
     from executor import cluster
@@ -103,18 +109,33 @@ def main() -> int:
         cal_dir = os.path.relpath(out / "calibration", REPO)
         cal = rollout("calibrate", "--probe", str(v1), "--out", cal_dir)
         print(cal.stdout)
-        measured = {}
-        for name, (_, to, policy) in POLICIES.items():
-            measured[name] = run_one(a, rollout, env, port, deploy_file(to, policy),
-                                     out / "runs" / name)  # fmt: skip
+        measured: dict[str, list[Path]] = {name: [] for name in POLICIES}
+        for run in range(1, a.runs + 1):  # the policies alternate v1 → v2 → v1
+            for name, (_, to, policy) in POLICIES.items():
+                folder = out / "runs" / name / f"run{run}"
+                measured[name].append(run_one(a, rollout, env, port, deploy_file(to, policy),
+                                              folder))  # fmt: skip
     finally:
         subprocess.run([sys.executable, "-m", "rollout.cli", "down"], env=env,
                        capture_output=True, check=False)  # fmt: skip
         shutil.rmtree(tmp, ignore_errors=True)
-    rows = []
-    for name, folder in measured.items():
-        rows += predict_and_compare(name, folder, out)
-    write_report(a, out, rows, cal.stdout)
+    from measure.fidelity import METRICS, compare, compare_runs
+
+    rows, per_run = [], []
+    for name, folders in measured.items():
+        predicted, real = [], []
+        for run, folder in enumerate(folders, 1):
+            summaries, m = predict(name, folder, out, a.seeds, overlay=run == 1)
+            names = {k for s in summaries for k in s
+                     if k in METRICS or k.startswith("step_duration_s_")}  # fmt: skip
+            median = {k: float(np.median([s[k] for s in summaries if s.get(k) is not None]))
+                      for k in names}  # fmt: skip
+            per_run += [dict(run=run, **r) for r in compare(name, median, m)]
+            predicted += summaries
+            real.append(m)
+        rows += compare_runs(name, predicted, real)
+    pd.DataFrame(per_run).to_csv(out / "fidelity_runs.csv", index=False)
+    write_report(a, out, rows, per_run, cal.stdout)
     print((out / "fidelity.csv").read_text())
     return 0
 
@@ -152,9 +173,13 @@ def write_trace(requests: pd.DataFrame, path: Path) -> float:
     return offset
 
 
-def predict_and_compare(name: str, measured_dir: Path, out: Path) -> list[dict]:
-    """Simulate what was measured, with the calibrated parameters only; the comparison rows."""
-    from measure.fidelity import compare, plot_overlay
+def predict(
+    name: str, measured_dir: Path, out: Path, seeds: int, overlay: bool
+) -> tuple[list[dict], dict]:
+    """Simulate what was measured, with the calibrated parameters only, once per seed: the
+    predicted summaries and the measured one (the first seed's files written beside the run,
+    and its overlay plot if asked)."""
+    from measure.fidelity import plot_overlay
     from measure.runs import read_result, rollout_figures
     from rollout.scenario import Scenario
     from sim.api import simulate, write_outputs
@@ -171,7 +196,7 @@ def predict_and_compare(name: str, measured_dir: Path, out: Path) -> list[dict]:
     # Serve's drain loop as the executor configures it (executor/plan.py), not a fit
     base = yaml.safe_load((REPO / "examples" / "deploy-llm-v1.yaml").read_text())
     shutdown_s = float(base["model"]["graceful_shutdown_timeout_s"])
-    scenario = Scenario.model_validate({
+    raw = {
         "name": f"fidelity {name}",
         "trace": {"path": str(trace), "resample": False},
         "fleet": {"replicas": replicas, "gpu_capacity": 8, "max_ongoing_requests": 256,
@@ -179,13 +204,19 @@ def predict_and_compare(name: str, measured_dir: Path, out: Path) -> list[dict]:
                   "graceful_shutdown_wait_loop_s": min(2.0, shutdown_s)},
         "rollout": {"at_s": s["rollout_start_s"] - offset, "policy": policy},
         **fragment,
-    })  # fmt: skip
-    predicted = simulate(scenario)
-    predicted.summary |= rollout_figures(predicted)
-    write_outputs(predicted, measured_dir.parent / "predicted", title=scenario.name)
-    plot_overlay(predicted, measured, out / f"overlay-{name.replace('=', '')}.png",
-                 f"{name}: measured (solid) and predicted (dashed)", shift=offset)  # fmt: skip
-    return compare(name, predicted.summary, measured.summary)
+    }  # fmt: skip
+    summaries = []
+    for seed in range(1, seeds + 1):
+        predicted = simulate(Scenario.model_validate(raw | {"seed": seed}))
+        predicted.summary |= rollout_figures(predicted)
+        summaries.append(predicted.summary)
+        if seed == 1:
+            write_outputs(predicted, measured_dir.parent / "predicted", title=raw["name"])
+            if overlay:
+                plot_overlay(predicted, measured, out / f"overlay-{name.replace('=', '')}.png",
+                             f"{name}, run 1: measured (solid) and predicted (dashed, seed 1)",
+                             shift=offset)  # fmt: skip
+    return summaries, measured.summary
 
 
 def probe_replay(out: Path, replicas: int) -> str:
@@ -229,10 +260,11 @@ def probe_replay(out: Path, replicas: int) -> str:
     return "\n".join(lines)
 
 
-def write_report(a, out: Path, rows: list[dict], calibration: str) -> None:  # type: ignore[no-untyped-def]
+def write_report(a, out: Path, rows: list[dict], per_run: list[dict], calibration: str) -> None:  # type: ignore[no-untyped-def]
     from measure.fidelity import table
 
     pd.DataFrame(rows).to_csv(out / "fidelity.csv", index=False)
+    each = [r | {"policy": f"{r['policy']} run {r['run']}"} for r in per_run]
     images = "\n\n".join(f"![{name}](overlay-{name.replace('=', '')}.png)" for name in POLICIES)
     (out / "report.md").write_text(
         f"# Fidelity: predicted against measured rollouts\n\n"
@@ -243,7 +275,11 @@ def write_report(a, out: Path, rows: list[dict], calibration: str) -> None:  # t
         f"## Calibration\n\n```\n{calibration.strip()}\n```\n\n"
         "The probe's own requests replayed through the calibrated simulator (seconds; how the "
         f"engine model fits the data it was calibrated on):\n\n{probe_replay(out, a.replicas)}\n\n"
-        f"## Predicted against measured\n\n{table(rows)}\n\n## Overlays\n\n{images}\n"
+        f"## Predicted against measured\n\nThe median of {a.runs} real rollouts per policy "
+        f"against the median of {a.seeds} simulations of each (seeds 1–{a.seeds}), with both "
+        f"ranges:\n\n{table(rows)}\n\n### Each run\n\nEach real rollout against the median of "
+        f"its own {a.seeds} simulations:\n\n{table(each)}\n\n## Overlays\n\n"
+        f"The first run of each policy and its first seed's prediction.\n\n{images}\n"
     )
 
 

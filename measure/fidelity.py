@@ -33,23 +33,56 @@ METRICS = (
 WINDOW_S = 30.0
 
 
-def compare(policy: str, predicted: dict[str, Any], measured: dict[str, Any]) -> list[dict]:
-    """One row per metric (steps as many as either run took): predicted, measured, and the
-    error in percent of the measurement (None where the measurement is 0 or missing)."""
+def _names(summaries: Sequence[dict[str, Any]]) -> list[str]:
+    """The metrics, with as many steps as any run took."""
     steps = sorted(
-        {k for k in (*predicted, *measured) if k.startswith("step_duration_s_")},
+        {k for s in summaries for k in s if k.startswith("step_duration_s_")},
         key=lambda k: int(k.rsplit("_", 1)[1]),
     )
-    names = [METRICS[0], *steps, *METRICS[1:]]
+    return [METRICS[0], *steps, *METRICS[1:]]
+
+
+def _error(p: Any, m: Any) -> float | None:
+    """The error in percent of the measurement (None where it is 0 or either is missing)."""
+    if p is not None and m is not None and m != 0:
+        return (float(p) - float(m)) / abs(float(m)) * 100.0
+    if p is not None and m is not None and p == m:
+        return 0.0
+    return None
+
+
+def compare(policy: str, predicted: dict[str, Any], measured: dict[str, Any]) -> list[dict]:
+    """One row per metric (steps as many as either run took): predicted, measured, and the
+    error in percent of the measurement."""
+    return [
+        dict(policy=policy, metric=name, predicted=p, measured=m, error_pct=_error(p, m))
+        for name in _names([predicted, measured])
+        for p, m in [(predicted.get(name), measured.get(name))]
+    ]
+
+
+def compare_runs(
+    policy: str, predicted: Sequence[dict[str, Any]], measured: Sequence[dict[str, Any]]
+) -> list[dict]:
+    """Several real runs against several predictions (every seed of every run): one row per
+    metric with each side's median, the error between the medians, and each side's range.
+
+    One run is one draw: which replica Serve removes and which long requests it holds, or a
+    p99 over a few hundred requests, differ from run to run of the same rollout, as they do
+    from seed to seed of the simulator. Medians compare what a rollout does, the ranges show
+    how much a single run varies."""
     rows = []
-    for name in names:
-        p, m = predicted.get(name), measured.get(name)
-        error = None
-        if p is not None and m is not None and m != 0:
-            error = (float(p) - float(m)) / abs(float(m)) * 100.0
-        elif p is not None and m is not None and p == m:
-            error = 0.0
-        rows.append(dict(policy=policy, metric=name, predicted=p, measured=m, error_pct=error))
+    for name in _names([*predicted, *measured]):
+        ps = [float(s[name]) for s in predicted if s.get(name) is not None]
+        ms = [float(s[name]) for s in measured if s.get(name) is not None]
+        p = float(np.median(ps)) if ps else None
+        m = float(np.median(ms)) if ms else None
+        rows.append(dict(
+            policy=policy, metric=name, predicted=p, measured=m, error_pct=_error(p, m),
+            predicted_min=min(ps, default=None), predicted_max=max(ps, default=None),
+            measured_min=min(ms, default=None), measured_max=max(ms, default=None),
+            runs=len(ms),
+        ))  # fmt: skip
     return rows
 
 
@@ -127,9 +160,19 @@ def table(rows: list[dict[str, Any]]) -> str:
         return f"{v:.3f}" if isinstance(v, float) else str(v)
 
     frame = pd.DataFrame(rows)
-    lines = ["| policy | metric | predicted | measured | error % |", "|---|---|---:|---:|---:|"]
+    ranged = "measured_min" in frame
+    head = "| policy | metric | predicted | measured | error % |"
+    rule = "|---|---|---:|---:|---:|"
+    if ranged:
+        head += " predicted range | measured range |"
+        rule += "---:|---:|"
+    lines = [head, rule]
     for r in frame.to_dict("records"):
         err = "–" if r["error_pct"] is None or pd.isna(r["error_pct"]) else f"{r['error_pct']:+.1f}"
-        lines.append(f"| {r['policy']} | {r['metric']} | {fmt(r['predicted'])} | "
-                     f"{fmt(r['measured'])} | {err} |")  # fmt: skip
+        line = (f"| {r['policy']} | {r['metric']} | {fmt(r['predicted'])} | "
+                f"{fmt(r['measured'])} | {err} |")  # fmt: skip
+        if ranged:
+            line += (f" {fmt(r['predicted_min'])}–{fmt(r['predicted_max'])} |"
+                     f" {fmt(r['measured_min'])}–{fmt(r['measured_max'])} |")  # fmt: skip
+        lines.append(line)
     return "\n".join(lines)
