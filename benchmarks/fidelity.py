@@ -9,8 +9,9 @@ predictions of them, with only calibrated parameters.
 3. `--runs` times, for each policy in turn (surge: v1 → v2 with 50 % surge; unavailable:
    v2 → v1 with 50 % unavailable), replays the Azure code trace from minute 4 with `rollout
    load` (sped up by `--time-scale`), rolls out with `rollout deploy` `--lead-s` seconds into
-   the replay, stops the replay `--tail-s` seconds after the rollout, and exports the rollout
-   with its requests (`rollout export`) to OUT/runs/POLICY/runN/measured.
+   the replay (`--lead-step-s` more each run: every run meets the trace at another moment,
+   with other requests in flight), stops the replay `--tail-s` seconds after the rollout, and
+   exports the rollout with its requests (`rollout export`) to OUT/runs/POLICY/runN/measured.
 4. Simulates each run `--seeds` times (the simulator's routing and cold-start draws): the
    requests the replay sent (times and token counts, no resampling), the same fleet, policy and
    rollout start, Serve's drain loop as the executor configures it, the calibrated engine, cold
@@ -60,6 +61,7 @@ def main() -> int:
     p.add_argument("--time-scale", type=float, default=3.0)
     p.add_argument("--start-s", type=float, default=240.0)
     p.add_argument("--lead-s", type=float, default=30.0)
+    p.add_argument("--lead-step-s", type=float, default=10.0)
     p.add_argument("--tail-s", type=float, default=30.0)
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--runs", type=int, default=3, help="real rollouts per policy")
@@ -113,8 +115,9 @@ def main() -> int:
         for run in range(1, a.runs + 1):  # the policies alternate v1 → v2 → v1
             for name, (_, to, policy) in POLICIES.items():
                 folder = out / "runs" / name / f"run{run}"
+                lead = a.lead_s + (run - 1) * a.lead_step_s
                 measured[name].append(run_one(a, rollout, env, port, deploy_file(to, policy),
-                                              folder))  # fmt: skip
+                                              folder, lead))  # fmt: skip
     finally:
         subprocess.run([sys.executable, "-m", "rollout.cli", "down"], env=env,
                        capture_output=True, check=False)  # fmt: skip
@@ -140,7 +143,7 @@ def main() -> int:
     return 0
 
 
-def run_one(a, rollout, env, port: int, deploy: Path, folder: Path) -> Path:  # type: ignore[no-untyped-def]
+def run_one(a, rollout, env, port: int, deploy: Path, folder: Path, lead: float) -> Path:  # type: ignore[no-untyped-def]
     """One real rollout under the trace replay, exported with its requests."""
     load = folder / "load"
     replay = subprocess.Popen(
@@ -149,7 +152,7 @@ def run_one(a, rollout, env, port: int, deploy: Path, folder: Path) -> Path:  # 
          str(a.start_s), "--duration-s", "3000", "--out", str(load)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    time.sleep(a.lead_s)
+    time.sleep(lead)
     done = rollout("deploy", str(deploy))
     time.sleep(a.tail_s)
     replay.send_signal(signal.SIGINT)

@@ -40,7 +40,10 @@ of the sequences it admits, and the iteration that prefills a request yields its
   start runs from a replica's creation to serving, so it holds Serve's whole start sequence:
   its controller creating the actor, Ray placing it, and the constructor (image, weights,
   warm-up). Placement → running alone misses seconds (see docs/fidelity.md); replicas without
-  a recorded scale-up (`asked_s`) count from their placement.
+  a recorded scale-up (`asked_s`) count from their placement. A version's first replica waits
+  for its Serve application to be created (scale-up → created 2.0–2.4 s, against 0.2 s for the
+  next): `first_of_version_s` is the median over applications of the first replica's scale-up
+  → created less the others', and is taken out of the first replicas' samples.
 - **Overhead** (`service.overhead_s`): the TTFT line's intercept less one iteration at batch 1,
   what every request pays outside the engine (HTTP proxy, router, network).
 - **Health-check period**: how late readiness is noticed after Serve reports the replica
@@ -116,6 +119,7 @@ class Calibration:
     warmup_iterations: int  # 0: none seen
     warmup_factor: float
     cold_starts_s: np.ndarray
+    first_of_version_s: float
     health_check_period_s: float
     fits: list[Fit]
 
@@ -138,7 +142,11 @@ class Calibration:
                 "overhead_s": round(max(0.0, self.overhead_s), 6),
                 "engine": engine,
             },
-            "cold_start": {"kind": "empirical", "path": cold_start_path},
+            "cold_start": {
+                "kind": "empirical",
+                "path": cold_start_path,
+                "first_of_version_s": round(self.first_of_version_s, 3),
+            },
             "health_check": {"period_s": round(self.health_check_period_s, 4)},
         }
 
@@ -255,7 +263,7 @@ def fit(results: list[SimResult], reps: list[pd.DataFrame]) -> Calibration:
     max_num_seqs = _hinge(batch, tpot, float(((tpot - line) ** 2).sum()), fits)
     ratio = tpot / np.asarray(decode_times(table, int(rounded.max())))[rounded]
     warm_iterations, warm_factor = _warmup(req, ratio)
-    cold, period = _starts(reps, fits)
+    cold, first, period = _starts(reps, fits)
     return Calibration(
         prefill_s_per_1k_tokens=per_token * 1000.0,
         overhead_s=float(icept) - decode_times(table, 1)[1],
@@ -264,6 +272,7 @@ def fit(results: list[SimResult], reps: list[pd.DataFrame]) -> Calibration:
         warmup_iterations=warm_iterations,
         warmup_factor=warm_factor,
         cold_starts_s=cold,
+        first_of_version_s=first,
         health_check_period_s=period,
         fits=fits,
     )
@@ -340,8 +349,9 @@ def _warmup(req: pd.DataFrame, ratio: np.ndarray) -> tuple[int, float]:
     return max(1, round(float((iterations / batch / ready).sum()))), factor
 
 
-def _starts(reps: list[pd.DataFrame], fits: list[Fit]) -> tuple[np.ndarray, float]:
-    """Cold starts (scale-up → running) and the health-check period of the watched starts."""
+def _starts(reps: list[pd.DataFrame], fits: list[Fit]) -> tuple[np.ndarray, float, float]:
+    """Cold starts (scale-up → running, less the first-of-version wait), that wait, and the
+    health-check period of the watched starts."""
     frame = pd.concat(reps, ignore_index=True) if reps else pd.DataFrame()
     need = {"gpu_s", "running_s", "ready_s"}
     if not len(frame) or not need <= set(frame.columns):
@@ -351,13 +361,33 @@ def _starts(reps: list[pd.DataFrame], fits: list[Fit]) -> tuple[np.ndarray, floa
         raise InputError("calibrate: no replica was seen starting (from placed to ready)")
     asked = watched["asked_s"] if "asked_s" in watched else watched["gpu_s"]
     asked = asked.fillna(watched["gpu_s"])
-    cold = np.sort((watched["running_s"] - asked).to_numpy(dtype=float))
+    first, extra = _first_of_version(watched, asked)
+    whole = (watched["running_s"] - asked).to_numpy(dtype=float)
+    cold = np.sort(whole - np.where(first, extra, 0.0))
     late = (watched["ready_s"] - watched["running_s"]).to_numpy(dtype=float)
     period = max(MIN_PERIOD_S, 2.0 * float(late.mean()))
-    whole = np.sort((watched["ready_s"] - asked).to_numpy(dtype=float))
-    # the model's starts (cold start + half a period) against the measured ones, in order
-    fits.append(Fit.of("scale-up → ready", whole, cold + period / 2.0))
-    return cold, period
+    # the model's starts (cold start, the first's wait, half a period) against the measured ones
+    fits.append(Fit.of("scale-up → ready", whole + late, whole + period / 2.0))
+    return cold, extra, period
+
+
+def _first_of_version(watched: pd.DataFrame, asked: pd.Series) -> tuple[np.ndarray, float]:
+    """Which watched starts were their application's first, and how much longer their
+    scale-up → created took than the rest's (0 where no application shows both)."""
+    first = np.zeros(len(watched), dtype=bool)
+    if "app" not in watched or "created_s" not in watched:
+        return first, 0.0
+    wait = (watched["created_s"] - asked).to_numpy(dtype=float)
+    apps = watched["app"].astype(str).to_numpy()
+    extras = []
+    for app in np.unique(apps):
+        rows = np.flatnonzero(apps == app)
+        rows = rows[np.argsort(asked.to_numpy(dtype=float)[rows], kind="stable")]
+        if len(rows) >= 2 and np.isfinite(wait[rows]).all():
+            first[rows[0]] = True
+            extras.append(wait[rows[0]] - float(np.median(wait[rows[1:]])))
+    extra = max(0.0, float(np.median(extras))) if extras else 0.0
+    return first & (extra > 0), extra
 
 
 def write(cal: Calibration, out: Path) -> Path:
@@ -396,7 +426,8 @@ def report(cal: Calibration) -> str:
             else "not visible"
         ),
         f"cold start (scale-up → running): {len(cold)} starts, p50 {np.median(cold):.2f} s, "
-        f"max {cold.max():.2f} s",
+        f"max {cold.max():.2f} s; a version's first replica {cal.first_of_version_s:.2f} s more "
+        "(its Serve application is created first)",
         f"health-check period: {cal.health_check_period_s:.2f} s",
         "fits:",
         *(f"  {f.line()}" for f in cal.fits),

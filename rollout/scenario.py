@@ -98,6 +98,9 @@ class ColdStartSpec(_Strict):
     p99_s: float | None = Field(None, gt=0)
     path: Path | None = None  # empirical: CSV of samples (seconds, or `value` in ms)
     scale: float = Field(1.0, gt=0)  # multiplies every sample
+    # a version's first replica starts this much later: the executor deploys each version as
+    # its own Serve application, created before its first replica (2.0–2.4 s on the LLM example)
+    first_of_version_s: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _fields_for_kind(self) -> ColdStartSpec:

@@ -8,7 +8,8 @@ deadline (`graceful_shutdown_timeout_s`) passes and the requests still running f
 then checks every period for requests in flight, and stops at the first check that finds none
 (so at least one period after removal, even idle). Health
 checks run every period from the moment the replica got its GPU, so it turns ready at the first
-check after its cold start.
+check after its cold start. A version's first replica's cold start is `first_of_version_s` longer
+(the executor creates the version's Serve application before it).
 
 Faults, per version: a start attempt fails with `start_failure_rate` (noticed at the first
 health check after its cold-start draw, having held its GPU that long); a ready replica
@@ -98,6 +99,8 @@ class Cluster:
         self.live: tuple[list[Replica], list[Replica]] = ([], [])  # not yet stopped
         self.counts = [[0] * len(State), [0] * len(State)]
         self.failed_starts = [0, 0]  # cumulative, per version
+        self.created = [False, False]  # per version: a replica was created
+        self.firsts: set[int] = set()  # each version's first replica (its application is new)
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -163,6 +166,9 @@ class Cluster:
 
     def _new(self, version: int) -> Replica:
         rep = Replica(len(self.replicas), version, self.env.now, self.router.engine_for(version))
+        if not self.created[version]:
+            self.created[version] = True
+            self.firsts.add(rep.id)
         self.replicas.append(rep)
         self.live[version].append(rep)
         self.counts[version][rep.state] += 1
@@ -200,7 +206,7 @@ class Cluster:
             yield rep.granted
         if rep.state is not State.STARTING:
             return  # removed before it got a GPU
-        cold = self.cold_starts[rep.version].sample()
+        cold = self.cold_starts[rep.version].sample(rep.id in self.firsts)
         fails = self.faults[rep.version].start_fails()
         checks = math.ceil(cold / self.period - 1e-9)
         if fails:

@@ -37,7 +37,8 @@ class ColdStart:
             self.mu = math.log(spec.p50_s)
             self.sigma = (math.log(spec.p99_s) - self.mu) / Z99
 
-    def sample(self) -> float:
+    def sample(self, first_of_version: bool = False) -> float:
+        """A cold start; the version's first replica's waits `first_of_version_s` more."""
         spec = self.spec
         if spec.kind == "deterministic":
             value = spec.seconds
@@ -47,7 +48,7 @@ class ColdStart:
             assert self.samples is not None
             position = float(self.rng.random()) * (len(self.samples) - 1)
             value = float(np.interp(position, np.arange(len(self.samples)), self.samples))
-        return value * spec.scale
+        return value * spec.scale + (spec.first_of_version_s if first_of_version else 0.0)
 
 
 def read_samples(path: Path) -> np.ndarray:

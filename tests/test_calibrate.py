@@ -170,6 +170,30 @@ def test_recovers_a_new_replicas_warm_up(iterations: int, factor: float) -> None
         assert sec == pytest.approx(plain.decode_s_per_token[k], rel=0.05), k
 
 
+def test_a_versions_first_replica_waits_for_its_application() -> None:
+    """Two rollouts' starts: each application's first replica took 2.1 and 2.3 s from the
+    scale-up to its creation, the next ones 0.2 s: the wait is the median difference (2.0 s),
+    it leaves the first replicas' cold starts, and the fragment carries it."""
+    result = run([1, 2, 4, 8])
+    reps = pd.DataFrame({
+        "app": ["llm_v1", "llm_v1", "llm_v2", "llm_v2"],
+        "replica_id": ["a", "b", "c", "d"],
+        "asked_s": [0.0, 20.0, 100.0, 120.0],
+        "created_s": [2.1, 20.2, 102.3, 120.2],
+        "gpu_s": [4.0, 22.0, 104.0, 122.0],
+        "running_s": [8.0, 26.1, 108.0, 126.0],
+        "ready_s": [8.1, 26.2, 108.1, 126.1],
+    })  # fmt: skip
+    cal = calibrate.fit([result], [reps])
+    assert cal.first_of_version_s == pytest.approx(2.0)
+    assert sorted(cal.cold_starts_s) == pytest.approx([6.0, 6.0, 6.0, 6.1])
+    assert cal.fragment("c.csv")["cold_start"]["first_of_version_s"] == pytest.approx(2.0)
+    # without application names every start is a plain one
+    plain = calibrate.fit([result], [reps.drop(columns="app")])
+    assert plain.first_of_version_s == 0.0
+    assert sorted(plain.cold_starts_s) == pytest.approx([6.0, 6.1, 8.0, 8.0])
+
+
 def test_no_limit_is_reported_where_none_is_visible() -> None:
     result = run([1, 2, 4, 8])
     assert calibrate.fit([result], [result.replicas]).max_num_seqs is None

@@ -50,6 +50,22 @@ def test_ready_at_the_first_health_check_after_cold_start(cold, period, ready_af
     assert np.allclose(cand["ready_s"] - cand["gpu_s"], ready_after)
 
 
+def test_a_versions_first_replica_waits_for_its_application():
+    """The candidate's first replica (its Serve application is new) starts 7 s later; the
+    other candidates and the current version's replicas do not."""
+    result = simulate(
+        steady(
+            {"max_surge_percent": 25},
+            cold_start={"kind": "deterministic", "seconds": 20, "first_of_version_s": 7},
+            health_check={"period_s": 1},
+        )
+    )
+    cand = result.replicas[result.replicas["version"] == "candidate"].sort_values("created_s")
+    waits = (cand["ready_s"] - cand["gpu_s"]).to_numpy()
+    assert waits[0] == pytest.approx(27.0)
+    assert np.allclose(waits[1:], 20.0) and len(waits) == 10
+
+
 def test_timeouts_drop_the_oldest_waiters(tmp_path):
     """One replica, 10 s requests, one arrival per second, 5 s timeout: compare with a direct
     FIFO single-server calculation."""
