@@ -241,16 +241,24 @@ class Replay:
             ticker = loop.create_task(self._tick(progress)) if progress else None
             self.t0 = loop.time() + 0.05
             self.started_at = time.time() + 0.05
-            for i, at in enumerate(self.plan.at_s.tolist()):
-                due = self.t0 + at
-                delay = due - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                task = loop.create_task(self._one(session, i, due))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            while tasks:
-                await asyncio.wait(set(tasks))
+            try:
+                for i, at in enumerate(self.plan.at_s.tolist()):
+                    due = self.t0 + at
+                    delay = due - loop.time()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    task = loop.create_task(self._one(session, i, due))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                while tasks:
+                    await asyncio.wait(set(tasks))
+            except asyncio.CancelledError:
+                # interrupted: end the requests in flight as such before the session closes
+                # their connections, or one being sent then fails as the server's error
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
             if ticker is not None:
                 ticker.cancel()
                 progress(self)

@@ -244,6 +244,8 @@ def test_an_interrupted_replay_keeps_what_it_measured(server: Server, tmp_path: 
     assert 1 <= len(answered) < 10 and answered["error"].isna().all()
     errors = df["error"].value_counts()
     assert errors["not sent"] > 10 and errors["interrupted before the answer ended"] > 5
+    # a request cut off while being sent is the interruption's, not the server's failure
+    assert set(errors.index) == {"not sent", "interrupted before the answer ended"}
     assert df.loc[df["error"] == "not sent", "start_s"].isna().all()
     summary = json.loads((out / "summary.json").read_text())  # unsent requests are not failures
     assert summary["not_sent"] == errors["not sent"] and summary["sent"] == 40 - errors["not sent"]
