@@ -12,6 +12,7 @@ import logging
 import multiprocessing
 import os
 import re
+import traceback
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
@@ -111,51 +112,44 @@ def _draw_plots(result: SimResult, out_dir: Path, title: str | None) -> None:
 
 
 class PlotWorker:
-    """Two processes that draw a run's two plots. Started before the run, each imports
-    matplotlib and draws a throwaway figure (font and tick-label caches) on another core while
-    the simulation runs; afterwards they draw while the caller writes the tables. They are
-    forked, so they start in milliseconds and get only the plotted columns. If one fails, the
-    caller draws the plots itself: every output is still written."""
+    """A process that draws a run's two plots. Forked before the run, it imports matplotlib on
+    the other core while the simulation runs; afterwards it gets only the plotted columns and
+    draws both plots at once (the second in a child it forks, which shares its loaded modules)
+    while the caller writes the tables. One warm process, not one per plot: the import is paid
+    once, and it is all the CPU the plots take from the simulation. If it fails, the caller
+    draws the plots itself: every output is still written."""
 
-    # what each process draws, and the request columns it reads
-    PLOTS = (
-        ("plot_timeline", "timeline.png", ["arrival_s", "latency_s", "ttft_s", "version",
-                                           "dropped", "failed"]),
-        ("plot_latency", "latency.png", ["arrival_s", "latency_s", "version"]),
-    )  # fmt: skip
+    # what the worker draws (the second one in its forked child), and the columns they read
+    PLOTS = (("plot_timeline", "timeline.png"), ("plot_latency", "latency.png"))
+    COLUMNS = ("arrival_s", "latency_s", "ttft_s", "version", "dropped", "failed")
 
     def __init__(self) -> None:
-        self._pools: list[ProcessPoolExecutor] = []
+        self._pool: ProcessPoolExecutor | None = None
         try:
-            for _ in self.PLOTS:
-                pool = ProcessPoolExecutor(
-                    1, mp_context=multiprocessing.get_context("fork"), initializer=_yield_cpu
-                )
-                self._pools.append(pool)
-                pool.submit(_warm_up)
+            self._pool = ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("fork"), initializer=_yield_cpu
+            )
+            self._pool.submit(_warm_up)
         except (OSError, ValueError) as e:  # no fork here, or no process to spare
             log.info("plots drawn in process: %s", e)
             self.close()
 
     NICENESS = 5  # a weight of 335 against the simulation's 1,024 (Linux's CFS)
 
-    # above this many requests the copies sent to the workers (tens of bytes a request, held
-    # while pickled) cost more memory than the time they save is worth: draw in process
+    # above this many requests the copy sent to the worker (tens of bytes a request, held
+    # while pickled) costs more memory than the time it saves is worth: draw in process
     MAX_REQUESTS = 2_000_000
 
     def draw(self, result: SimResult, out_dir: Path, title: str | None) -> list[Future[None]]:
-        futures: list[Future[None]] = []
-        if len(result.requests) > self.MAX_REQUESTS:
-            return futures
-        for pool, (plot, name, columns) in zip(self._pools, self.PLOTS, strict=False):
-            slim = SimResult(result.summary, result.requests[columns], result.timeline,
-                             result.events)  # fmt: skip
-            futures.append(pool.submit(_draw_one, plot, slim, out_dir / name, title))
-        return futures
+        if self._pool is None or len(result.requests) > self.MAX_REQUESTS:
+            return []
+        slim = SimResult(result.summary, result.requests[list(self.COLUMNS)], result.timeline,
+                         result.events)  # fmt: skip
+        return [self._pool.submit(_draw_both, slim, out_dir, title)]
 
     @staticmethod
     def done(plots: list[Future[None]]) -> bool:
-        """Wait for the plots; False if a worker failed (then the caller draws them)."""
+        """Wait for the plots; False if the worker failed (then the caller draws them)."""
         try:
             for f in plots:
                 f.result()
@@ -165,9 +159,30 @@ class PlotWorker:
         return bool(plots)
 
     def close(self) -> None:
-        for pool in self._pools:
-            pool.shutdown(wait=False, cancel_futures=True)
-        self._pools = []
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+        self._pool = None
+
+
+def _draw_both(result: SimResult, out_dir: Path, title: str | None) -> None:
+    """In the plot worker: the second plot in a forked child, the first here, at once."""
+    (first, first_file), (second, second_file) = PlotWorker.PLOTS
+    child = os.fork()
+    if child == 0:  # the child: draw, then leave without running the worker's exit handlers
+        code = 1
+        try:
+            _draw_one(second, result, out_dir / second_file, title)
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    try:
+        _draw_one(first, result, out_dir / first_file, title)
+    finally:
+        _, status = os.waitpid(child, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"the process drawing {second_file} failed")
 
 
 def _draw_one(plot: str, result: SimResult, path: Path, title: str | None) -> None:
@@ -177,18 +192,17 @@ def _draw_one(plot: str, result: SimResult, path: Path, title: str | None) -> No
 
 
 def _yield_cpu() -> None:
-    """A plot worker runs at a lower priority: warming up, it must take only what the
-    simulation leaves of the machine. On two cores, three busy processes at one priority put
-    a worker beside the simulation on its core; one step of niceness keeps both workers on the
-    other core while the simulation runs, and costs them nothing once it waits for them."""
+    """The plot worker runs at a lower priority: warming up, it must take only what the
+    simulation leaves of the machine (on two cores, a worker at the same priority may be put
+    beside the simulation on its core)."""
     with contextlib.suppress(OSError):  # not allowed here: the caller's priority, then
         os.nice(PlotWorker.NICENESS)
 
 
 def _warm_up() -> None:
-    from sim.plots import warm_up
-
-    warm_up()
+    """Import the plotting modules (matplotlib: ~0.3 s) while the simulation runs. Drawing a
+    throwaway figure as well was measured to save the real plots nothing."""
+    import sim.plots  # noqa: F401
 
 
 def _write_tables(result: SimResult, out_dir: Path) -> None:
