@@ -210,6 +210,7 @@ def _draw_both(
     columns = dict(zip((name for name, _ in PlotWorker.COLUMNS), _columns(_shared, n), strict=True))
     columns["version"] = pd.Categorical.from_codes(columns["version"], categories=versions)
     result.requests = pd.DataFrame(columns)
+    _claim_cpu()
     (first, first_file), (second, second_file) = PlotWorker.PLOTS
     child = os.fork()
     if child == 0:  # the child: draw, then leave without running the worker's exit handlers
@@ -236,11 +237,19 @@ def _draw_one(plot: str, result: SimResult, path: Path, title: str | None) -> No
 
 
 def _yield_cpu() -> None:
-    """The plot worker runs at a lower priority: warming up, it must take only what the
+    """The plot worker runs at a lower priority while it warms up: it must take only what the
     simulation leaves of the machine (on two cores, a worker at the same priority may be put
     beside the simulation on its core)."""
     with contextlib.suppress(OSError):  # not allowed here: the caller's priority, then
         os.nice(PlotWorker.NICENESS)
+
+
+def _claim_cpu() -> None:
+    """Back to the caller's priority once the plots are what it waits for, where the system
+    lets a process raise its priority again (root, or RLIMIT_NICE); elsewhere it stays
+    lower, which costs time only while other work runs."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, os.getppid()))
 
 
 def _warm_up() -> None:
