@@ -209,7 +209,7 @@ def _draw_both(
     assert _shared is not None
     columns = dict(zip((name for name, _ in PlotWorker.COLUMNS), _columns(_shared, n), strict=True))
     columns["version"] = pd.Categorical.from_codes(columns["version"], categories=versions)
-    result.requests = pd.DataFrame(columns)
+    result.requests = pd.DataFrame(columns, copy=False)  # the plots only read them
     _claim_cpu()
     (first, first_file), (second, second_file) = PlotWorker.PLOTS
     child = os.fork()
