@@ -120,7 +120,7 @@ class PlotWorker:
     tables. One warm process, not one per plot: the import is paid once, and it is all the CPU
     the plots take from the simulation. The plotted columns reach it through memory shared at
     the fork, not a pipe: a copy, not a pickle. If it fails, the caller draws the plots
-    itself: every output is still written."""
+    itself: every output is still written. One worker serves one run."""
 
     # what the worker draws (the second one in its forked child)
     PLOTS = (("plot_timeline", "timeline.png"), ("plot_latency", "latency.png"))
@@ -140,9 +140,10 @@ class PlotWorker:
 
     def __init__(self) -> None:
         self._pool: ProcessPoolExecutor | None = None
+        self._shared: mmap.mmap | None = None
         width = sum(np.dtype(dtype).itemsize for _, dtype in self.COLUMNS)
-        self._shared = mmap.mmap(-1, self.MAX_REQUESTS * width)  # anonymous, MAP_SHARED
         try:
+            self._shared = mmap.mmap(-1, self.MAX_REQUESTS * width)  # anonymous, MAP_SHARED
             self._pool = ProcessPoolExecutor(
                 1,
                 mp_context=multiprocessing.get_context("fork"),
@@ -156,7 +157,7 @@ class PlotWorker:
 
     def draw(self, result: SimResult, out_dir: Path, title: str | None) -> list[Future[None]]:
         n = len(result.requests)
-        if self._pool is None or n > self.MAX_REQUESTS:
+        if self._pool is None or self._shared is None or n > self.MAX_REQUESTS:
             return []
         for column, shared in zip(self.COLUMNS, _columns(self._shared, n), strict=True):
             values = result.requests[column[0]]
@@ -180,7 +181,10 @@ class PlotWorker:
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
         self._pool = None
-        self._shared.close()
+        if self._shared is not None:
+            with contextlib.suppress(BufferError):  # a view still held (an error mid-draw)
+                self._shared.close()
+        self._shared = None
 
 
 def _columns(shared: mmap.mmap, n: int) -> list[np.ndarray]:
