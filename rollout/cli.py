@@ -300,7 +300,14 @@ def ui(
 
 
 def main() -> None:
-    app(prog_name="rollout")
+    try:
+        app(prog_name="rollout")
+    finally:
+        # The process ends here. Python's exit would walk every object still alive in several
+        # garbage collections (0.15 s after simulating a million requests) to find almost no
+        # garbage; frozen, they are skipped. Every output is closed by now, and exit handlers
+        # (atexit, logging, flushing stdout) still run.
+        gc.freeze()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@ and latency over time, with the rollout's steps marked."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -248,21 +247,3 @@ def plot_latency(result: SimResult, path: Path, title: str | None = None) -> Non
     ax.set_title(title or str(result.summary.get("scenario", "")), loc="left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-
-
-def warm_up() -> None:
-    """Draw a throwaway figure with the plots' kinds of text (log and symlog tick labels,
-    legends, titles): matplotlib's font, text-size and math-text caches are filled once, before
-    the real plots are due (`sim.api.PlotWorker` does this while the simulation runs)."""
-    fig = Figure(figsize=(4, 3))
-    top, bottom = fig.subplots(2, 1)
-    x = np.array([0.5, 1.0, 10.0, 100.0])
-    top.step(x, 1.0 / x, where="post", label="warm-up")
-    top.set_yscale("log")
-    top.legend(fontsize=7)
-    top.set_title("warm-up", loc="left")
-    bottom.plot(x, x, label="warm-up")
-    bottom.set_yscale("symlog", linthresh=1.0)
-    bottom.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
-    fig.tight_layout()
-    fig.savefig(io.BytesIO(), format="png", dpi=110)

@@ -372,3 +372,27 @@ def test_a_plot_worker_that_dies_leaves_no_output_missing(tmp_path, monkeypatch,
         assert (out / name).stat().st_size > 0
     failures = [r for r in caplog.records if "plot worker failed" in r.getMessage()]
     assert len(failures) == 1
+
+
+def test_a_plot_child_that_dies_leaves_no_output_missing(tmp_path, monkeypatch, caplog):
+    """The worker draws the latency plot in a child it forks; if only that child dies, the
+    worker reports it and the command draws both plots itself."""
+    import os
+
+    import sim.api
+
+    draw = sim.api._draw_one
+
+    def latency_killed(plot: str, *args: object) -> None:
+        if plot == "plot_latency":
+            os._exit(3)
+        draw(plot, *args)
+
+    monkeypatch.setattr(sim.api, "_draw_one", latency_killed)
+    out = tmp_path / "out"
+    result = invoke("simulate", str(small_scenario(tmp_path)), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    for png in ("timeline.png", "latency.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    failures = [r.getMessage() for r in caplog.records if "plot worker failed" in r.getMessage()]
+    assert len(failures) == 1 and "latency.png" in failures[0]
