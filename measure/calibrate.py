@@ -41,7 +41,7 @@ of the sequences it admits, and the iteration that prefills a request yields its
   its controller creating the actor, Ray placing it, and the constructor (image, weights,
   warm-up). Placement → running alone misses seconds (see docs/fidelity.md); replicas without
   a recorded scale-up (`asked_s`) count from their placement. A version's first replica waits
-  for its Serve application to be created (scale-up → created 2.0–2.4 s, against 0.2 s for the
+  for its Serve application to be created (scale-up → created 1.9–2.4 s, against 0.2 s for the
   next): `first_of_version_s` is the median over applications of the first replica's scale-up
   → created less the others', and is taken out of the first replicas' samples.
 - **Overhead** (`service.overhead_s`): the TTFT line's intercept less one iteration at batch 1,

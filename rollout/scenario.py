@@ -99,7 +99,7 @@ class ColdStartSpec(_Strict):
     path: Path | None = None  # empirical: CSV of samples (seconds, or `value` in ms)
     scale: float = Field(1.0, gt=0)  # multiplies every sample
     # a version's first replica starts this much later: the executor deploys each version as
-    # its own Serve application, created before its first replica (2.0–2.4 s on the LLM example)
+    # its own Serve application, created before its first replica (1.9–2.4 s on the LLM example)
     first_of_version_s: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
@@ -136,7 +136,7 @@ class _EngineFields(_Strict):
     @model_validator(mode="after")
     def _table(self) -> _EngineFields:
         if self.warmup.iterations and self.admission != "iteration":
-            raise ValueError("warmup.iterations needs admission: iteration (iterations are its)")
+            raise ValueError("warmup.iterations needs admission: iteration (immediate has none)")
         table = self.decode_s_per_token
         if table is not None:
             if not table:
