@@ -320,6 +320,14 @@ def engine_with(**fields):
             "rate_scale",
         ),
         ({"fleet": {"replicas": 4, "gpu_capacity": 6, "billing": "monthly"}}, "fleet.billing"),
+        (
+            {
+                "service": engine_with(
+                    admission="immediate", warmup={"iterations": 50, "factor": 3.0}
+                )
+            },
+            "warmup.iterations needs admission: iteration",
+        ),
     ],
     ids=[
         "no-points",
@@ -329,6 +337,7 @@ def engine_with(**fields):
         "node-size",
         "rate-scale",
         "billing",
+        "warm-iterations-immediate",
     ],
 )
 def test_bad_engine_fault_supply_and_trace_inputs(tmp_path, changes, needle):
