@@ -15,8 +15,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP) $(BUILT)
 
+# a fresh install has just built the extensions (and touched the stamp): build only when a
+# source is newer than the stamp, so it is never built twice
 $(BUILT): $(SIM_SRC) | $(STAMP)
-	$(PY) -m pip install --quiet --no-deps -e .
+	@if [ ! -f $(BUILT) ] || [ -n "$$(find $(SIM_SRC) -newer $(BUILT))" ]; then \
+		echo "building the simulator's compiled hot path"; \
+		$(PY) -m pip install --quiet --no-deps -e . ; \
+	fi
 	touch $(BUILT)
 
 demo: $(BUILT)
