@@ -41,7 +41,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import yaml
 
@@ -122,18 +121,14 @@ def main() -> int:
         subprocess.run([sys.executable, "-m", "rollout.cli", "down"], env=env,
                        capture_output=True, check=False)  # fmt: skip
         shutil.rmtree(tmp, ignore_errors=True)
-    from measure.fidelity import METRICS, compare, compare_runs
+    from measure.fidelity import compare, compare_runs
 
     rows, per_run = [], []
     for name, folders in measured.items():
         predicted, real = [], []
         for run, folder in enumerate(folders, 1):
             summaries, m = predict(name, folder, out, a.seeds, overlay=run == 1)
-            names = {k for s in summaries for k in s
-                     if k in METRICS or k.startswith("step_duration_s_")}  # fmt: skip
-            median = {k: float(np.median([s[k] for s in summaries if s.get(k) is not None]))
-                      for k in names}  # fmt: skip
-            per_run += [dict(run=run, **r) for r in compare(name, median, m)]
+            per_run += [dict(run=run, **r) for r in compare(name, summaries, m)]
             predicted += summaries
             real.append(m)
         rows += compare_runs(name, predicted, real)

@@ -51,14 +51,13 @@ def _error(p: Any, m: Any) -> float | None:
     return None
 
 
-def compare(policy: str, predicted: dict[str, Any], measured: dict[str, Any]) -> list[dict]:
-    """One row per metric (steps as many as either run took): predicted, measured, and the
-    error in percent of the measurement."""
-    return [
-        dict(policy=policy, metric=name, predicted=p, measured=m, error_pct=_error(p, m))
-        for name in _names([predicted, measured])
-        for p, m in [(predicted.get(name), measured.get(name))]
-    ]
+def compare(
+    policy: str, predicted: Sequence[dict[str, Any]], measured: dict[str, Any]
+) -> list[dict]:
+    """One real run against its predictions (their median): one row per metric (steps as many
+    as either took) with predicted, measured, and the error in percent of the measurement."""
+    columns = ("policy", "metric", "predicted", "measured", "error_pct")
+    return [{k: r[k] for k in columns} for r in compare_runs(policy, predicted, [measured])]
 
 
 def compare_runs(

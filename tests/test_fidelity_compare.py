@@ -9,11 +9,13 @@ from measure.fidelity import compare, compare_runs
 
 
 def test_one_prediction_against_one_run() -> None:
-    rows = {r["metric"]: r for r in compare("p", {"rollout_duration_s": 30.0, "failed": 0},
+    rows = {r["metric"]: r for r in compare("p", [{"rollout_duration_s": 30.0, "failed": 0}],
                                             {"rollout_duration_s": 24.0, "failed": 0})}  # fmt: skip
     assert rows["rollout_duration_s"]["error_pct"] == pytest.approx(25.0)
     assert rows["failed"]["error_pct"] == 0.0  # equal zeros: no error
     assert rows["peak_gpus"]["error_pct"] is None  # in neither summary
+    seeds = [{"rollout_duration_s": v} for v in (30.0, 18.0, 24.0)]  # the median of several
+    assert compare("p", seeds, {"rollout_duration_s": 24.0})[0]["error_pct"] == 0.0
 
 
 def test_many_runs_compare_medians_and_show_both_ranges() -> None:
